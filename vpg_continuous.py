@@ -1,0 +1,640 @@
+# VPG, the vanilla policy gradient (Eq. 13), for continuous control (CleanRL style),
+# with the numerical-stability telemetry of
+# "Numerical pitfalls in policy gradient updates". Defaults are that paper's (Table 4, App. A.3).
+# Usage: python vpg_continuous.py --env-id Humanoid-v4 --cuda
+import copy
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+ALGO = "vpg"
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """train on the GPU (an error if there is none)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "stable-pg"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into the run folder as `model.pt`"""
+    log_dir: str = "runs"
+    """the folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """the run's folder name; default `{env_id}__{exp_name}__{seed}__{unix_time}`"""
+
+    env_id: str = "Hopper-v4"
+    """the id of the environment (any gymnasium env with a continuous Box action space)"""
+    total_timesteps: int = 1000000
+    """total timesteps of the experiment"""
+    learning_rate: float = 1e-4
+    """the learning rate of the optimizer"""
+    anneal_lr: bool = False
+    """toggle learning rate annealing for policy and value networks"""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """the optimizer (the paper's Fig. 7 compares the two)"""
+    num_envs: int = 1
+    """the number of parallel game environments"""
+    num_steps: int = 1000
+    """the number of steps to run in each environment per policy rollout (the paper's horizon)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    update_epochs: int = 1
+    """the K epochs to update the policy"""
+    minibatch_size: Optional[int] = None
+    """the size of a minibatch (default: the whole rollout, one gradient step per rollout)"""
+    norm_adv: bool = False
+    """toggles advantages normalization (per minibatch)"""
+    clip_coef: float = 0.2
+    """epsilon of the clip-fraction diagnostic (VPG's objective does not clip)"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 1.0
+    """the maximum norm for the gradient clipping (0 turns clipping off)"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold: stop the epochs of an update once approx_kl exceeds it"""
+
+    policy_hidden: tuple[int, ...] = (1024, 1024)
+    """the widths of the mean network's hidden layers"""
+    value_hidden: tuple[int, ...] = (64, 64)
+    """the widths of the value network's hidden layers"""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """the activation of both networks"""
+    std_param: Literal["softplus", "exp"] = "softplus"
+    """softplus: std = softplus(s) + min_std; exp: std = exp(s), floored at min_std when > 0"""
+    min_std: float = 0.1
+    """the lower bound of the policy's standard deviation"""
+    init_std: float = 1.0
+    """the policy's initial standard deviation"""
+    mean_transform: Literal["none", "clip", "tanh"] = "none"
+    """g(mu) that maps the mean into the action box (Table 1)"""
+    mean_shift: float = 0.0
+    """a constant c added to the mean network's output (Appendix A.2)"""
+    logprob_at: Literal["clipped", "raw"] = "clipped"
+    """clipped: store the clipped action phi(a) and its log-prob (paper); raw: the unclipped sample"""
+    reward_scale: float = 1.0
+    """rewards are multiplied by this before learning (Table 6)"""
+    norm_obs: bool = False
+    """normalise observations with running statistics (and clip them to [-10, 10])"""
+    norm_reward: bool = False
+    """normalise rewards by a running estimate of the return's std (and clip them to [-10, 10])"""
+    fused_loss: bool = False
+    """compute the surrogate with `fused_loss.surrogate` (needs fused_loss.py beside this script)"""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """on a non-finite loss, gradient or parameter: stop the run (postmortem) or skip the step"""
+
+
+class BadArgument(Exception):
+    """Bad input: reported in one line, exit code 2, before any training."""
+
+
+class EnvNonFinite(Exception):
+    """The environment, not the algorithm, produced a non-finite observation or reward."""
+
+
+def check_args(args):
+    if args.minibatch_size is None:
+        args.minibatch_size = args.num_envs * args.num_steps
+    problems = [
+        (args.total_timesteps < 1, "--total-timesteps must be positive"),
+        (args.num_envs < 1 or args.num_steps < 1, "--num-envs and --num-steps must be positive"),
+        (args.minibatch_size < 1, "--minibatch-size must be positive"),
+        (args.minibatch_size > args.num_envs * args.num_steps,
+         f"--minibatch-size {args.minibatch_size} is larger than the rollout "
+         f"(num_envs x num_steps = {args.num_envs * args.num_steps})"),
+        (args.total_timesteps < args.num_envs * args.num_steps,
+         f"--total-timesteps {args.total_timesteps} is smaller than one rollout ({args.num_envs * args.num_steps})"),
+        (not (math.isfinite(args.learning_rate) and args.learning_rate > 0), "--learning-rate must be positive"),
+        (not (0 < args.clip_coef < 1), "--clip-coef must be in (0, 1)"),
+        (not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1), "--gamma and --gae-lambda must be in [0, 1]"),
+        (args.update_epochs < 1, "--update-epochs must be positive"),
+        (min(args.ent_coef, args.vf_coef, args.max_grad_norm) < 0,
+         "--ent-coef, --vf-coef and --max-grad-norm must be non-negative"),
+        (args.target_kl is not None and not args.target_kl > 0, "--target-kl must be positive"),
+        (any(w < 1 for w in args.policy_hidden + args.value_hidden), "layer widths must be positive"),
+        (not (math.isfinite(args.min_std) and args.min_std >= 0), "--min-std must be non-negative"),
+        (not (math.isfinite(args.init_std) and args.init_std > 0), "--init-std must be positive"),
+        (args.std_param == "softplus" and args.init_std <= args.min_std,
+         "--init-std must exceed --min-std with --std-param softplus"),
+        (not math.isfinite(args.mean_shift), "--mean-shift must be finite"),
+        (not (math.isfinite(args.reward_scale) and args.reward_scale > 0), "--reward-scale must be positive"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise BadArgument(message)
+    if args.cuda and not torch.cuda.is_available():
+        raise BadArgument("--cuda was given but no CUDA GPU is available")
+
+
+def make_env(env_id, idx, capture_video, run_dir, gamma, norm_obs, norm_reward):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, f"{run_dir}/videos")
+        else:
+            env = gym.make(env_id)
+        env = gym.wrappers.FlattenObservation(env)
+        # innermost, so logged returns are the raw environment returns
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        if norm_obs:
+            env = gym.wrappers.NormalizeObservation(env)
+            env = gym.wrappers.TransformObservation(env, lambda obs: np.clip(obs, -10, 10), env.observation_space)
+        if norm_reward:
+            env = gym.wrappers.NormalizeReward(env, gamma=gamma)
+            env = gym.wrappers.TransformReward(env, lambda reward: np.clip(reward, -10, 10))
+        return env
+
+    return thunk
+
+
+def make_envs(args, run_dir):
+    try:
+        # SAME_STEP autoreset hands back the true final observation of each episode, so no
+        # transition crosses an episode boundary (gymnasium 1.x's default would add a junk one)
+        envs = gym.vector.SyncVectorEnv(
+            [make_env(args.env_id, i, args.capture_video, run_dir, args.gamma, args.norm_obs, args.norm_reward)
+             for i in range(args.num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        )
+    except Exception as e:
+        raise BadArgument(f"cannot make env {args.env_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    space = envs.single_action_space
+    if not isinstance(space, gym.spaces.Box):
+        envs.close()
+        raise BadArgument(f"{args.env_id} has a {type(space).__name__} action space; a continuous Box is required")
+    if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+        envs.close()
+        raise BadArgument(f"{args.env_id} has an unbounded action space; actions are clipped to a finite box")
+    return envs
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(sizes, activation, out_std):
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
+        layers += [layer_init(nn.Linear(fan_in, fan_out)), activation()]
+    layers.append(layer_init(nn.Linear(sizes[-2], sizes[-1]), std=out_std))
+    return nn.Sequential(*layers)
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim, action_low, action_high, args):
+        super().__init__()
+        activation = {"tanh": nn.Tanh, "relu": nn.ReLU}[args.activation]
+        act_dim = len(action_low)
+        self.critic = mlp([obs_dim, *args.value_hidden, 1], activation, out_std=1.0)
+        self.actor_mean = mlp([obs_dim, *args.policy_hidden, act_dim], activation, out_std=0.01)
+        if args.std_param == "softplus":
+            init = math.log(math.expm1(args.init_std - args.min_std))
+        else:
+            init = math.log(args.init_std)
+        self.actor_std_param = nn.Parameter(torch.full((act_dim,), init))
+        low = torch.as_tensor(action_low, dtype=torch.float32)
+        high = torch.as_tensor(action_high, dtype=torch.float32)
+        self.register_buffer("action_low", low)
+        self.register_buffer("action_high", high)
+        self.mean_shift, self.mean_transform = args.mean_shift, args.mean_transform
+        self.std_param, self.min_std = args.std_param, args.min_std
+
+    def get_value(self, obs):
+        return self.critic(obs).squeeze(-1)
+
+    def mean(self, obs):
+        mean = self.actor_mean(obs) + self.mean_shift
+        if self.mean_transform == "clip":
+            return torch.maximum(torch.minimum(mean, self.action_high), self.action_low)
+        if self.mean_transform == "tanh":
+            half_range = (self.action_high - self.action_low) / 2
+            return self.action_low + half_range * (1 + torch.tanh(mean))
+        return mean
+
+    def std(self):
+        if self.std_param == "softplus":
+            return nn.functional.softplus(self.actor_std_param) + self.min_std
+        std = self.actor_std_param.exp()
+        return std.clamp(min=self.min_std) if self.min_std > 0 else std
+
+
+def gaussian_log_prob(actions, mean, std):
+    return (-0.5 * ((actions - mean) / std) ** 2 - std.log() - 0.5 * LOG_2PI).sum(-1)
+
+
+def gaussian_kl(mean, std, old_mean, old_std):
+    """Closed-form KL(N(mean, std) || N(old_mean, old_std)) of diagonal Gaussians, summed over dims."""
+    return (old_std.log() - std.log() + (std**2 + (mean - old_mean) ** 2) / (2 * old_std**2) - 0.5).sum(-1)
+
+
+def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma, gae_lambda):
+    """GAE over [T, num_envs] arrays. next_values[t] is the value of the state that transition t
+    reached (an episode's true final observation when it ended); terminations stop the bootstrap,
+    any episode end (terminated or truncated) stops the accumulation."""
+    advantages = np.zeros_like(rewards)
+    last = np.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminations[t]) - values[t]
+        last = delta + gamma * gae_lambda * (1.0 - episode_ends[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def surrogate(new_logp, old_logp, advantages, clip_coef, kind="vpg"):
+    """The surrogate loss and its diagnostics; equal to fused_loss.surrogate_reference."""
+    # no ratio: the objective is log pi(a|s) * A, and the ratio only feeds the diagnostics
+    surr = new_logp * advantages
+    with torch.no_grad():
+        log_ratio = (new_logp - old_logp).detach()
+        ratio = log_ratio.exp()
+        upper, lower = math.log1p(clip_coef), math.log1p(-clip_coef)
+        effective = log_ratio
+        finite = new_logp.detach().isfinite() & old_logp.isfinite() & advantages.isfinite()
+        stats = {
+            "max_log_ratio": log_ratio.max(),
+            "min_log_ratio": log_ratio.min(),
+            "max_log_ratio_effective": effective.max(),
+            "clip_frac": ((log_ratio > upper) | (log_ratio < lower)).to(log_ratio.dtype).mean(),
+            "approx_kl": ((ratio - 1) - log_ratio).mean(),
+            "n_nonfinite": (~finite).sum(),
+            "n_overflow": (log_ratio.isfinite() & ratio.isinf()).sum(),
+        }
+    return -surr.mean(), stats
+
+
+def minibatch_loss(agent, mb, args, surrogate_fn):
+    """All losses of one minibatch; the training loop and a postmortem replay both use it."""
+    mean = agent.mean(mb["obs"])
+    std = agent.std()
+    new_logp = gaussian_log_prob(mb["actions"], mean, std)
+    advantages = mb["advantages"]
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-8)
+    pg_loss, stats = surrogate_fn(new_logp, mb["logprobs"], advantages, args.clip_coef, "vpg")
+    # the policy's std is state-independent, so its entropy is the same for every state
+    entropy = std.log().sum() + 0.5 * len(std) * (1 + LOG_2PI)
+    v_loss = 0.5 * ((agent.get_value(mb["obs"]) - mb["returns"]) ** 2).mean()
+    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+    return loss, pg_loss, v_loss, entropy, stats
+
+
+def load_postmortem(path):
+    """The agent, optimizer state, minibatch and args of an exploded step, as saved."""
+    postmortem = torch.load(path, map_location="cpu", weights_only=False)
+    args = Args(**postmortem["args"])
+    agent = Agent(postmortem["obs_dim"], postmortem["action_low"], postmortem["action_high"], args)
+    agent.load_state_dict(postmortem["agent"])
+    return agent, postmortem, args
+
+
+def replay(path):
+    """Recompute the exploded minibatch's loss from postmortem.pt: (loss, grad_norm, stats)."""
+    agent, postmortem, args = load_postmortem(path)
+    surrogate_fn = surrogate
+    if args.fused_loss:
+        import fused_loss
+
+        surrogate_fn = fused_loss.surrogate
+    loss, _, _, _, stats = minibatch_loss(agent, postmortem["minibatch"], args, surrogate_fn)
+    loss.backward()
+    grad_norm = nn.utils.get_total_norm([p.grad for p in agent.parameters() if p.grad is not None])
+    return loss.detach(), grad_norm, stats
+
+
+def finite_or_none(x):
+    return x if x is None or math.isfinite(x) else None
+
+
+def write_json_atomically(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def versions():
+    import mujoco
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+            "mujoco": mujoco.__version__, "numpy": np.__version__, "tyro": tyro.__version__}
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        check_args(args)
+        if args.fused_loss:
+            try:
+                import fused_loss
+            except ImportError as e:
+                raise BadArgument(f"--fused-loss needs fused_loss.py beside this script ({e})")
+            surrogate_fn = fused_loss.surrogate
+        else:
+            surrogate_fn = surrogate
+        env_name = args.env_id.replace("/", "-").replace(":", "-")
+        run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.log_dir, run_name)
+        envs = make_envs(args, run_dir)
+    except BadArgument as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(run_dir, exist_ok=True)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda else "cpu")
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    obs_dim = envs.single_observation_space.shape[0]
+    action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
+    act_dim = len(action_low)
+    agent = Agent(obs_dim, action_low, action_high, args).to(device)
+    # the mean network at initialisation, for the distance the policy has travelled (Fig. 7b,c)
+    initial_actor_mean = copy.deepcopy(agent.actor_mean).requires_grad_(False)
+    params = list(agent.parameters())
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.learning_rate)
+    max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+
+    obs = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs, act_dim), device=device)
+    old_means = torch.zeros((args.num_steps, args.num_envs, act_dim), device=device)
+    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    episode_ends = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
+    low_t, high_t = agent.action_low, agent.action_high
+
+    summary = {
+        "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
+        "global_step": 0, "total_timesteps": num_iterations * batch_size, "exploded": False,
+        "explosion_step": None, "explosion_reason": None, "nonfinite_updates": 0, "episodes": 0,
+        "final_return": None, "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "sps": 0.0,
+        "versions": versions(),
+    }
+    summary_path = os.path.join(run_dir, "summary.json")
+    episode_returns = []
+    global_step = 0
+    nonfinite_updates = 0
+    max_log10_ratio = -math.inf
+    start_time = time.time()
+    exit_code = 0
+
+    def write_summary(status, **fields):
+        recent = episode_returns[-10:]
+        moving = [np.mean(episode_returns[max(0, i - 9): i + 1]) for i in range(len(episode_returns))]
+        summary.update(
+            status=status, global_step=global_step, nonfinite_updates=nonfinite_updates,
+            episodes=len(episode_returns), final_return=float(np.mean(recent)) if recent else None,
+            max_return=float(max(moving)) if moving else None,
+            max_log10_ratio=finite_or_none(max_log10_ratio) if max_log10_ratio > -math.inf else None,
+            wall_time_s=time.time() - start_time, sps=global_step / max(time.time() - start_time, 1e-9), **fields,
+        )
+        write_json_atomically(summary_path, summary)
+
+    write_summary("running")
+    try:
+        next_obs, _ = envs.reset(seed=args.seed)
+        for iteration in range(1, num_iterations + 1):
+            if args.anneal_lr:
+                frac = 1.0 - (iteration - 1.0) / num_iterations
+                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+            # rollout: only the mean network runs per step; values and log-probs of the whole
+            # rollout are computed in one batch afterwards, since the networks do not change in between
+            truncated_final_obs = []
+            with torch.inference_mode():
+                std = agent.std()
+                noise = torch.randn((args.num_steps, args.num_envs, act_dim), device=device)
+                for step in range(args.num_steps):
+                    global_step += args.num_envs
+                    obs[step] = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+                    mean = agent.mean(obs[step])
+                    sample = mean + std * noise[step]
+                    clipped = torch.maximum(torch.minimum(sample, high_t), low_t)
+                    old_means[step] = mean
+                    actions[step] = clipped if args.logprob_at == "clipped" else sample
+                    next_obs, reward, terminated, truncated, infos = envs.step(clipped.cpu().numpy())
+                    if not (np.isfinite(next_obs).all() and np.isfinite(reward).all()):
+                        raise EnvNonFinite(f"{args.env_id} returned a non-finite observation or reward "
+                                           f"at global step {global_step}; this is not an explosion of the algorithm")
+                    rewards[step] = reward * args.reward_scale
+                    terminations[step] = terminated
+                    episode_ends[step] = terminated | truncated
+                    if "final_info" in infos:
+                        for env_idx in np.flatnonzero(infos["_final_info"]):
+                            final_obs = infos["final_obs"][env_idx]
+                            if not np.isfinite(final_obs).all():
+                                raise EnvNonFinite(f"{args.env_id} returned a non-finite final observation "
+                                                   f"at global step {global_step}")
+                            if truncated[env_idx]:
+                                truncated_final_obs.append((step, env_idx, final_obs))
+                            episode = infos["final_info"]["episode"]
+                            episode_return = float(episode["r"][env_idx])
+                            episode_returns.append(episode_return)
+                            writer.add_scalar("charts/episodic_return", episode_return, global_step)
+                            writer.add_scalar("charts/episodic_length", int(episode["l"][env_idx]), global_step)
+
+                values = agent.get_value(obs).cpu().numpy()
+                next_values = np.empty_like(values)
+                next_values[:-1] = values[1:]
+                next_values[-1] = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu()
+                if truncated_final_obs:
+                    steps, env_ids, final_obs = zip(*truncated_final_obs)
+                    final_obs = torch.as_tensor(np.stack(final_obs), dtype=torch.float32, device=device)
+                    next_values[list(steps), list(env_ids)] = agent.get_value(final_obs).cpu().numpy()
+                advantages, returns = compute_gae(rewards, values, next_values, terminations, episode_ends,
+                                                  args.gamma, args.gae_lambda)
+                logprobs = gaussian_log_prob(actions, old_means, std)
+
+            batch = {
+                "obs": obs.reshape(batch_size, obs_dim),
+                "actions": actions.reshape(batch_size, act_dim),
+                "logprobs": logprobs.reshape(batch_size),
+                "advantages": torch.as_tensor(advantages, device=device).reshape(batch_size),
+                "returns": torch.as_tensor(returns, device=device).reshape(batch_size),
+                "old_means": old_means.reshape(batch_size, act_dim),
+                "old_std": std.expand(batch_size, act_dim),
+            }
+            b_values = values.reshape(batch_size)
+
+            iteration_stats, losses, grad_norms = [], [], []
+            exploded = None
+            for epoch in range(args.update_epochs):
+                permutation = torch.randperm(batch_size, device=device)
+                for start in range(0, batch_size, args.minibatch_size):
+                    mb_inds = permutation[start: start + args.minibatch_size]
+                    mb = {key: value[mb_inds] for key, value in batch.items()}
+                    loss, pg_loss, v_loss, entropy, stats = minibatch_loss(agent, mb, args, surrogate_fn)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    iteration_stats.append(stats)
+                    grad_norms.append(grad_norm.detach())
+                    if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                        nonfinite_updates += 1
+                        reason = "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
+                        if args.on_nonfinite == "stop":
+                            exploded = (reason, mb, loss, grad_norm, epoch)
+                            break
+                        continue
+                    optimizer.step()
+                    losses.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach()]))
+                    if not torch.isfinite(nn.utils.get_total_norm(params)):
+                        # cannot be undone: the postmortem holds the networks after this step
+                        nonfinite_updates += 1
+                        exploded = ("non-finite parameter after the optimizer step", mb, loss, grad_norm, epoch)
+                        break
+                if exploded:
+                    break
+                if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
+                    break
+
+            # stability telemetry of the iteration (the paper's figures)
+            with torch.no_grad():
+                stacked = {key: torch.stack([s[key] for s in iteration_stats]) for key in iteration_stats[0]}
+                max_log10 = float(stacked["max_log_ratio_effective"].max()) / math.log(10)
+                max_log10_raw = float(stacked["max_log_ratio"].max()) / math.log(10)
+                if not math.isnan(max_log10):
+                    max_log10_ratio = max(max_log10_ratio, max_log10)
+                current_means = agent.mean(batch["obs"])
+                current_std = agent.std()
+                kl = gaussian_kl(current_means, current_std, batch["old_means"], batch["old_std"]).mean()
+                raw_means = agent.actor_mean(batch["obs"])
+                policy_l2 = (raw_means - initial_actor_mean(batch["obs"])).pow(2).mean().sqrt()
+                outside = (batch["old_means"] < low_t) | (batch["old_means"] > high_t)
+                telemetry = {
+                    "stability/max_log10_ratio": max_log10,
+                    "stability/max_log10_ratio_raw": max_log10_raw,
+                    "stability/log10_kl": math.log10(float(kl)) if float(kl) > 0 else -math.inf,
+                    "stability/min_std": float(current_std.min()),
+                    "stability/mean_abs_advantage": float(np.abs(advantages).mean()),
+                    "stability/max_abs_mean": float(batch["old_means"].abs().max()),
+                    "stability/frac_mean_outside": float(outside.float().mean()),
+                    "stability/min_old_log_prob": float(batch["logprobs"].min()),
+                    "stability/grad_norm": float(torch.stack(grad_norms).max()),
+                    "stability/policy_l2_from_init": float(policy_l2),
+                    "stability/nonfinite_updates": nonfinite_updates,
+                    "losses/approx_kl": float(stacked["approx_kl"].mean()),
+                    "losses/clipfrac": float(stacked["clip_frac"].mean()),
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                    "charts/SPS": int(global_step / (time.time() - start_time)),
+                }
+                if losses:
+                    pg_mean, v_mean, entropy_mean = torch.stack(losses).mean(0).tolist()
+                    var_y = np.var(returns)
+                    telemetry["losses/policy_loss"] = pg_mean
+                    telemetry["losses/value_loss"] = v_mean
+                    telemetry["losses/entropy"] = entropy_mean
+                    telemetry["losses/explained_variance"] = (
+                        np.nan if var_y == 0 else float(1 - np.var(returns.reshape(-1) - b_values) / var_y))
+            for key, value in telemetry.items():
+                writer.add_scalar(key, value, global_step)
+
+            if exploded:
+                reason, mb, loss, grad_norm, epoch = exploded
+                postmortem_path = os.path.join(run_dir, "postmortem.pt")
+                torch.save({
+                    "reason": reason, "global_step": global_step, "iteration": iteration, "epoch": epoch,
+                    "minibatch": {key: value.detach().cpu() for key, value in mb.items()},
+                    "agent": {key: value.cpu() for key, value in agent.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "args": asdict(args), "obs_dim": obs_dim,
+                    "action_low": action_low, "action_high": action_high,
+                    "stats": {key: value.cpu() for key, value in iteration_stats[-1].items()},
+                    "telemetry": telemetry,
+                }, postmortem_path)
+                last = iteration_stats[-1]
+                print(f"EXPLODED at global step {global_step} (iteration {iteration}, epoch {epoch}): {reason} "
+                      f"(loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
+                      f"max log10 ratio {telemetry['stability/max_log10_ratio']:.4g} "
+                      f"(raw {telemetry['stability/max_log10_ratio_raw']:.4g}), "
+                      f"ratio overflows {int(last['n_overflow'])}, "
+                      f"log10 KL {telemetry['stability/log10_kl']:.3g}, "
+                      f"min std {telemetry['stability/min_std']:.3g}, "
+                      f"max |mean| {telemetry['stability/max_abs_mean']:.4g} "
+                      f"({100 * telemetry['stability/frac_mean_outside']:.0f}% outside the action box), "
+                      f"min old log-prob {telemetry['stability/min_old_log_prob']:.4g}. "
+                      f"Replay: {postmortem_path}", flush=True)
+                write_summary("exploded", exploded=True, explosion_step=global_step, explosion_reason=reason)
+                exit_code = 3
+                break
+            sps = int(global_step / (time.time() - start_time))
+            recent = f"{np.mean(episode_returns[-10:]):.1f}" if episode_returns else "n/a"
+            print(f"iteration {iteration}/{num_iterations} global_step={global_step} return(last 10)={recent} "
+                  f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={sps}", flush=True)
+            write_summary("running")
+        else:
+            if args.save_model:
+                torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
+            write_summary("completed")
+    except KeyboardInterrupt:
+        write_summary("interrupted")
+        print(f"interrupted at global step {global_step}; summary in {summary_path}", file=sys.stderr)
+        exit_code = 130
+    except Exception as e:
+        with open(os.path.join(run_dir, "error.txt"), "w") as f:
+            traceback.print_exc(file=f)
+        write_summary("error", error=f"{type(e).__name__}: {e}")
+        where = "" if isinstance(e, EnvNonFinite) else f" (traceback in {run_dir}/error.txt)"
+        print(f"error: {e}{where}", file=sys.stderr)
+        exit_code = 1
+    finally:
+        writer.close()
+        envs.close()
+        if args.track:
+            wandb.finish()
+    sys.exit(exit_code)
