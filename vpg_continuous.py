@@ -296,6 +296,76 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind="vpg"):
     return -surr.mean(), stats
 
 
+def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode):
+    """Run num_steps in every env. Only the mean network runs per step; values and log-probs of the
+    whole rollout are computed in one batch afterwards, since the networks do not change in between.
+    Returns the flattened batch, the rollout as [num_steps, num_envs] arrays (rewards, values,
+    next_values, terminations, episode_ends, advantages, returns), the last observation and the step."""
+    num_steps, num_envs = args.num_steps, args.num_envs
+    obs = torch.zeros((num_steps, num_envs, *envs.single_observation_space.shape), device=device)
+    actions = torch.zeros((num_steps, num_envs, *envs.single_action_space.shape), device=device)
+    old_means = torch.zeros_like(actions)
+    rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
+    terminations = np.zeros((num_steps, num_envs), dtype=np.float32)
+    episode_ends = np.zeros((num_steps, num_envs), dtype=np.float32)
+    truncated_final_obs = []
+    with torch.inference_mode():
+        std = agent.std()
+        noise = torch.randn(actions.shape, device=device)
+        for step in range(num_steps):
+            global_step += num_envs
+            obs[step] = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+            mean = agent.mean(obs[step])
+            sample = mean + std * noise[step]
+            clipped = torch.maximum(torch.minimum(sample, agent.action_high), agent.action_low)
+            old_means[step] = mean
+            actions[step] = clipped if args.logprob_at == "clipped" else sample
+            next_obs, reward, terminated, truncated, infos = envs.step(clipped.cpu().numpy())
+            if not (np.isfinite(next_obs).all() and np.isfinite(reward).all()):
+                raise EnvNonFinite(f"{args.env_id} returned a non-finite observation or reward "
+                                   f"at global step {global_step}; this is not an explosion of the algorithm")
+            rewards[step] = reward * args.reward_scale
+            terminations[step] = terminated
+            episode_ends[step] = terminated | truncated
+            if "final_info" in infos:
+                for env_idx in np.flatnonzero(infos["_final_info"]):
+                    final_obs = infos["final_obs"][env_idx]
+                    if not np.isfinite(final_obs).all():
+                        raise EnvNonFinite(f"{args.env_id} returned a non-finite final observation "
+                                           f"at global step {global_step}")
+                    if truncated[env_idx]:
+                        truncated_final_obs.append((step, env_idx, final_obs))
+                    episode = infos["final_info"]["episode"]
+                    on_episode(global_step, float(episode["r"][env_idx]), int(episode["l"][env_idx]))
+
+        values = agent.get_value(obs).cpu().numpy()
+        next_values = np.empty_like(values)
+        next_values[:-1] = values[1:]
+        next_values[-1] = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu()
+        # an episode's last transition bootstraps from its true final observation, not the reset one
+        if truncated_final_obs:
+            steps, env_ids, final_obs = zip(*truncated_final_obs)
+            final_obs = torch.as_tensor(np.stack(final_obs), dtype=torch.float32, device=device)
+            next_values[list(steps), list(env_ids)] = agent.get_value(final_obs).cpu().numpy()
+        advantages, returns = compute_gae(rewards, values, next_values, terminations, episode_ends,
+                                          args.gamma, args.gae_lambda)
+        logprobs = gaussian_log_prob(actions, old_means, std)
+
+    batch_size = num_steps * num_envs
+    batch = {
+        "obs": obs.reshape(batch_size, -1),
+        "actions": actions.reshape(batch_size, -1),
+        "logprobs": logprobs.reshape(batch_size),
+        "advantages": torch.as_tensor(advantages, device=device).reshape(batch_size),
+        "returns": torch.as_tensor(returns, device=device).reshape(batch_size),
+        "old_means": old_means.reshape(batch_size, -1),
+        "old_std": std.expand(batch_size, -1),
+    }
+    rollout = {"rewards": rewards, "values": values, "next_values": next_values, "terminations": terminations,
+               "episode_ends": episode_ends, "advantages": advantages, "returns": returns}
+    return batch, rollout, next_obs, global_step
+
+
 def minibatch_loss(agent, mb, args, surrogate_fn):
     """All losses of one minibatch; the training loop and a postmortem replay both use it."""
     mean = agent.mean(mb["obs"])
@@ -411,13 +481,6 @@ if __name__ == "__main__":
         optimizer = torch.optim.SGD(params, lr=args.learning_rate)
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
-    obs = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs, act_dim), device=device)
-    old_means = torch.zeros((args.num_steps, args.num_envs, act_dim), device=device)
-    rewards = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    terminations = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    episode_ends = np.zeros((args.num_steps, args.num_envs), dtype=np.float32)
-    low_t, high_t = agent.action_low, agent.action_high
 
     summary = {
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
@@ -433,6 +496,11 @@ if __name__ == "__main__":
     max_log10_ratio = -math.inf
     start_time = time.time()
     exit_code = 0
+
+    def on_episode(step, episode_return, episode_length):
+        episode_returns.append(episode_return)
+        writer.add_scalar("charts/episodic_return", episode_return, step)
+        writer.add_scalar("charts/episodic_length", episode_length, step)
 
     def write_summary(status, **fields):
         recent = episode_returns[-10:]
@@ -454,63 +522,8 @@ if __name__ == "__main__":
                 frac = 1.0 - (iteration - 1.0) / num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
-            # rollout: only the mean network runs per step; values and log-probs of the whole
-            # rollout are computed in one batch afterwards, since the networks do not change in between
-            truncated_final_obs = []
-            with torch.inference_mode():
-                std = agent.std()
-                noise = torch.randn((args.num_steps, args.num_envs, act_dim), device=device)
-                for step in range(args.num_steps):
-                    global_step += args.num_envs
-                    obs[step] = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-                    mean = agent.mean(obs[step])
-                    sample = mean + std * noise[step]
-                    clipped = torch.maximum(torch.minimum(sample, high_t), low_t)
-                    old_means[step] = mean
-                    actions[step] = clipped if args.logprob_at == "clipped" else sample
-                    next_obs, reward, terminated, truncated, infos = envs.step(clipped.cpu().numpy())
-                    if not (np.isfinite(next_obs).all() and np.isfinite(reward).all()):
-                        raise EnvNonFinite(f"{args.env_id} returned a non-finite observation or reward "
-                                           f"at global step {global_step}; this is not an explosion of the algorithm")
-                    rewards[step] = reward * args.reward_scale
-                    terminations[step] = terminated
-                    episode_ends[step] = terminated | truncated
-                    if "final_info" in infos:
-                        for env_idx in np.flatnonzero(infos["_final_info"]):
-                            final_obs = infos["final_obs"][env_idx]
-                            if not np.isfinite(final_obs).all():
-                                raise EnvNonFinite(f"{args.env_id} returned a non-finite final observation "
-                                                   f"at global step {global_step}")
-                            if truncated[env_idx]:
-                                truncated_final_obs.append((step, env_idx, final_obs))
-                            episode = infos["final_info"]["episode"]
-                            episode_return = float(episode["r"][env_idx])
-                            episode_returns.append(episode_return)
-                            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-                            writer.add_scalar("charts/episodic_length", int(episode["l"][env_idx]), global_step)
-
-                values = agent.get_value(obs).cpu().numpy()
-                next_values = np.empty_like(values)
-                next_values[:-1] = values[1:]
-                next_values[-1] = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu()
-                if truncated_final_obs:
-                    steps, env_ids, final_obs = zip(*truncated_final_obs)
-                    final_obs = torch.as_tensor(np.stack(final_obs), dtype=torch.float32, device=device)
-                    next_values[list(steps), list(env_ids)] = agent.get_value(final_obs).cpu().numpy()
-                advantages, returns = compute_gae(rewards, values, next_values, terminations, episode_ends,
-                                                  args.gamma, args.gae_lambda)
-                logprobs = gaussian_log_prob(actions, old_means, std)
-
-            batch = {
-                "obs": obs.reshape(batch_size, obs_dim),
-                "actions": actions.reshape(batch_size, act_dim),
-                "logprobs": logprobs.reshape(batch_size),
-                "advantages": torch.as_tensor(advantages, device=device).reshape(batch_size),
-                "returns": torch.as_tensor(returns, device=device).reshape(batch_size),
-                "old_means": old_means.reshape(batch_size, act_dim),
-                "old_std": std.expand(batch_size, act_dim),
-            }
-            b_values = values.reshape(batch_size)
+            batch, rollout, next_obs, global_step = collect_rollout(
+                envs, agent, next_obs, args, device, global_step, on_episode)
 
             iteration_stats, losses, grad_norms = [], [], []
             exploded = None
@@ -556,13 +569,13 @@ if __name__ == "__main__":
                 kl = gaussian_kl(current_means, current_std, batch["old_means"], batch["old_std"]).mean()
                 raw_means = agent.actor_mean(batch["obs"])
                 policy_l2 = (raw_means - initial_actor_mean(batch["obs"])).pow(2).mean().sqrt()
-                outside = (batch["old_means"] < low_t) | (batch["old_means"] > high_t)
+                outside = (batch["old_means"] < agent.action_low) | (batch["old_means"] > agent.action_high)
                 telemetry = {
                     "stability/max_log10_ratio": max_log10,
                     "stability/max_log10_ratio_raw": max_log10_raw,
                     "stability/log10_kl": math.log10(float(kl)) if float(kl) > 0 else -math.inf,
                     "stability/min_std": float(current_std.min()),
-                    "stability/mean_abs_advantage": float(np.abs(advantages).mean()),
+                    "stability/mean_abs_advantage": float(np.abs(rollout["advantages"]).mean()),
                     "stability/max_abs_mean": float(batch["old_means"].abs().max()),
                     "stability/frac_mean_outside": float(outside.float().mean()),
                     "stability/min_old_log_prob": float(batch["logprobs"].min()),
@@ -576,12 +589,13 @@ if __name__ == "__main__":
                 }
                 if losses:
                     pg_mean, v_mean, entropy_mean = torch.stack(losses).mean(0).tolist()
+                    returns, values = rollout["returns"], rollout["values"]
                     var_y = np.var(returns)
                     telemetry["losses/policy_loss"] = pg_mean
                     telemetry["losses/value_loss"] = v_mean
                     telemetry["losses/entropy"] = entropy_mean
                     telemetry["losses/explained_variance"] = (
-                        np.nan if var_y == 0 else float(1 - np.var(returns.reshape(-1) - b_values) / var_y))
+                        np.nan if var_y == 0 else float(1 - np.var(returns - values) / var_y))
             for key, value in telemetry.items():
                 writer.add_scalar(key, value, global_step)
 
