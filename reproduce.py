@@ -1,0 +1,657 @@
+"""The paper's experiments as grids of training runs: list them, run them, report them.
+
+    python reproduce.py list mean-transform                  # one command line per run
+    python reproduce.py run mean-transform --workers 2       # runs what is missing; rerun to resume
+    python reproduce.py report mean-transform                # {out}/mean-transform/report.md + figures
+
+An experiment is a list of cells (algorithm x environment x flags), each run once per seed as a
+subprocess of ppo_continuous.py / cpg_continuous.py / vpg_continuous.py. Everything not set by the
+cell is the scripts' default, which is the paper's (Tables 3, 4, Appendix A.3). A run lives in
+{out}/{experiment}/{algo}__{env}__{flag=value...}__s{seed}/ (summary.json, TensorBoard events,
+train.log). Options not given to run/report are taken from the experiment's last `run`
+({out}/{experiment}/grid.json), so `report` after `run --seeds 3` reports 3 seeds.
+"""
+import argparse
+import fcntl
+import itertools
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+STEPS = 1_000_000  # paper: 1M environment steps per run
+SEEDS = 5  # paper: five seeds per setting
+ENVS = ["Hopper-v4", "Walker2d-v4", "Humanoid-v4"]
+WIDE = {"Hopper-v4": [1024], "Walker2d-v4": [1024, 1024], "Humanoid-v4": [1024, 1024]}  # Table 3 policies
+DONE = ("completed", "exploded")  # finished runs: never run again
+STABILITY = ["stability/max_log10_ratio", "stability/log10_kl", "stability/min_std", "stability/policy_l2_from_init"]
+
+
+def grid(algos, envs, axes=None):
+    """Cells algo x env x product(axes); the policy is the paper's per-env width unless an axis sets it."""
+    axes = axes or {}
+    return [(algo, env, {"policy-hidden": WIDE[env], **dict(zip(axes, values))})
+            for algo in algos for env in envs for values in itertools.product(*axes.values())]
+
+
+EXPERIMENTS = {
+    "mean-transform": dict(paper="Table 1", cells=grid(["ppo"], ENVS, {"mean-transform": ["clip", "tanh", "none"]}),
+        what="PPO with the Gaussian mean mapped into the action box by clipping or tanh (scaled to the box: "
+             "0.4 tanh on Humanoid) or left free. Keeping the mean inside the box should prevent the explosions."),
+    "vpg": dict(paper="Table 2", cells=grid(["vpg"], ENVS),
+        what="Vanilla policy gradient (log-prob times advantage, no importance ratio) with the large policies: "
+             "poor returns, but it should never explode."),
+    "reward-scale": dict(paper="Table 6", cells=grid(["ppo"], ["Hopper-v4"], {"reward-scale": [1.0, 0.1, 0.01, 0.001]}),
+        what="PPO on Hopper-v4 with the rewards scaled before learning: the explosion rate does not fall "
+             "monotonically with the scale, so large rewards are not the root cause."),
+    "constraints": dict(paper="Fig. 3", cells=grid(["ppo"], ["Humanoid-v4"],
+                                                   {"mean-shift": [100.0], "objective": ["clip", "kl-penalty", "none"]}),
+        what="PPO on Humanoid-v4 with the mean shifted out of the box by c = 100 (Appendix A.2) under ratio "
+             "clipping, the KL penalty (Eq. 12) and no constraint: log10 KL stays small while the max log10 "
+             "ratio grows; without any constraint it explodes within a few updates."),
+    "small-nets": dict(paper="Fig. 4", cells=grid(["ppo", "cpg"], ENVS, {"policy-hidden": [[64, 64]]}),
+        what="PPO vs CPG (clipped log-ratio objective, Eq. 15) with [64, 64] policies, where nothing should "
+             "explode: the two should reach comparable returns."),
+    "large-nets": dict(paper="Fig. 2, 5, 6", cells=grid(["ppo", "cpg"], ENVS),
+        what="PPO vs CPG with the paper's large policies: PPO explodes with huge max log10 ratios (Fig. 2) "
+             "before the std gets small (Fig. 6); CPG keeps learning (Fig. 5)."),
+    "learning-rate": dict(paper="Fig. 7a", cells=grid(["ppo"], ["Walker2d-v4"], {"learning-rate": [1e-4, 3e-5, 1e-5]}),
+        what="PPO on Walker2d-v4 at learning rates 1e-4 (the paper's default), 3e-5 and 1e-5 (the paper does "
+             "not give its values; these are ours): returns fall as the learning rate falls."),
+    "optimizer-width": dict(paper="Fig. 7b,c", cells=grid(["ppo"], ["Hopper-v4"],
+                                                        {"optimizer": ["adam", "sgd"], "policy-hidden": [[64], [256], [1024]]}),
+        what="PPO on Hopper-v4, Adam vs SGD (both at the default learning rate 1e-4; the paper gives no SGD rate) "
+             "with one hidden layer of width 64, 256 or 1024: the distance of the mean network's outputs from "
+             "initialisation (stability/policy_l2_from_init) grows faster with width under Adam."),
+    "shifted-mean": dict(paper="Appendix A.2, Fig. 8c", cells=grid(["ppo", "cpg", "vpg"], ["Humanoid-v4"], {"mean-shift": [100.0]}),
+        tags=STABILITY + ["stability/mean_abs_advantage"],
+        what="Humanoid-v4 with the mean shifted out of the box by c = 100: the mean |advantage| stays around 1 "
+             "while the max log10 ratio grows (Fig. 8c). Which algorithms explode, and when."),
+    "logprob-at": dict(paper="ours", cells=grid(["ppo", "cpg"], ["Hopper-v4"], {"logprob-at": ["clipped", "raw"]}),
+        what="PPO and CPG on Hopper-v4 [1024] storing the log-prob of the clipped action (paper) or of the raw "
+             "sample (CleanRL, SB3): does storing the raw sample alone remove the explosions?"),
+}
+
+# The paper's numbers: experiment -> [(cell values to match, (final return, max return, explosion rate))]
+PAPER = {
+    "mean-transform": [({"env": e, "mean-transform": t}, (f, None, r)) for e, t, f, r in [
+        ("Hopper-v4", "clip", "332 ± 129", "0%"), ("Hopper-v4", "tanh", "234 ± 106", "0%"), ("Hopper-v4", "none", "N/A", "100%"),
+        ("Walker2d-v4", "clip", "692 ± 346", "0%"), ("Walker2d-v4", "tanh", "434 ± 60", "0%"), ("Walker2d-v4", "none", "N/A", "100%"),
+        ("Humanoid-v4", "clip", "586 ± 102", "0%"), ("Humanoid-v4", "tanh", "530 ± 72", "0%"), ("Humanoid-v4", "none", "N/A", "100%")]],
+    "vpg": [({"env": e}, (f, None, "0%")) for e, f in
+            [("Hopper-v4", "536 ± 254"), ("Walker2d-v4", "195 ± 135"), ("Humanoid-v4", "355 ± 191")]],
+    "reward-scale": [({"reward-scale": s}, (f, m, r)) for s, f, m, r in [
+        ("1", "N/A", "1057 ± 593", "100%"), ("0.1", "2792 ± 792", "2897 ± 759", "20%"),
+        ("0.01", "2366 ± 931", "3167 ± 421", "40%"), ("0.001", "2303 ± 0", "2269 ± 933", "80%")]],
+}
+
+
+def fmt(v):
+    """A flag value as it appears in run names and on the command line."""
+    if isinstance(v, (list, tuple)):
+        return "-".join(map(fmt, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def script(algo):
+    # REPRODUCE_SCRIPTS_DIR: run other copies of the training scripts (the tests use stubs)
+    return os.path.join(os.environ.get("REPRODUCE_SCRIPTS_DIR") or os.path.dirname(os.path.abspath(__file__)),
+                        f"{algo}_continuous.py")
+
+
+def runs_of(exp, seeds, only=()):
+    """The experiment's runs, in grid order; `only`: keep runs whose name contains every substring."""
+    runs = []
+    for algo, env, flags in EXPERIMENTS[exp]["cells"]:
+        group = "__".join([algo, env] + [f"{k}={fmt(v)}" for k, v in flags.items()])
+        for seed in seeds:
+            name = f"{group}__s{seed}"
+            if all(s in name for s in only):
+                runs.append(dict(name=name, group=group, algo=algo, env=env, flags=flags, seed=seed))
+    return runs
+
+
+def flag_args(key, value):
+    return [f"--{key}"] + [fmt(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def command(run, steps, log_dir, cuda=False):
+    argv = [sys.executable, script(run["algo"]), "--env-id", run["env"], "--seed", str(run["seed"]),
+            "--total-timesteps", str(steps)]
+    for k, v in run["flags"].items():
+        argv += flag_args(k, v)
+    argv += ["--log-dir", log_dir, "--run-name", run["name"]] + (["--cuda"] if cuda else [])
+    return [fmt(a) for a in argv]
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def outcome(run_dir):
+    """(completed | exploded | failed | missing, summary); missing = not started, interrupted or still running."""
+    summary = read_json(os.path.join(run_dir, "summary.json")) or {}
+    status = summary.get("status")
+    if status in DONE:
+        return status, summary
+    if status == "error" or os.path.exists(os.path.join(run_dir, "reproduce_failed.json")):
+        return "failed", summary
+    return "missing", summary
+
+
+def num(x, f="{:.1f}"):
+    return "—" if x is None else f.format(x)
+
+
+def seed_list(seeds):
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def duration(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def die(msg, code=2):
+    print(f"reproduce.py: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def popen(cmd, log_path, env, attempt):
+    """Start one training run with its stdout and stderr appended to log_path."""
+    with open(log_path, "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt}: {shlex.join(cmd)}\n")
+        log.flush()
+        # its own session: a terminal Ctrl-C reaches only us, and we stop the children in order
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env}, start_new_session=True)
+
+
+def interrupt(procs, grace=30.0):
+    """SIGINT makes the scripts save an `interrupted` summary; kill what is still alive after `grace` s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def ray_task(cmd, log_path, env, attempt):
+    """The body of one Ray task: the same subprocess as the local backend, on whichever node Ray picks."""
+    proc = popen(cmd, log_path, env, attempt)
+    try:
+        return proc.wait()
+    except BaseException:  # ray.cancel() raises KeyboardInterrupt here: let the script save its summary
+        interrupt([proc])
+        raise
+
+
+class Local:
+    def __init__(self, workers):
+        # split the cores between the runs so parallel runs don't oversubscribe them
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
+        self.env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
+
+    def start(self, cmd, log_path, attempt):
+        return popen(cmd, log_path, self.env, attempt)
+
+    def wait(self, handles, timeout):
+        """[(handle, exit code)] of the runs that ended, waiting up to `timeout` s for one."""
+        deadline = time.time() + timeout
+        while True:
+            ended = [(p, p.poll()) for p in handles if p.poll() is not None]
+            if ended or time.time() >= deadline:
+                return ended
+            time.sleep(0.1)
+
+    def stop(self, handles):
+        interrupt(handles)
+
+
+class Ray:
+    def __init__(self, cuda):
+        try:
+            import ray
+        except ImportError:
+            die("--backend ray needs Ray: pip install 'ray[default]'")
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"))  # an existing cluster, or a local one if unset
+        if __name__ != "__main__":  # imported (tests): ship the task by value, workers may not find this module
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        self.task = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_retries=0)(ray_task)
+
+    def start(self, cmd, log_path, attempt):
+        return self.task.remote(cmd, log_path, {"PYTHONUNBUFFERED": "1"}, attempt)
+
+    def wait(self, handles, timeout):
+        ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        ended = []
+        for ref in ready:
+            try:
+                ended.append((ref, self.ray.get(ref)))
+            except Exception as e:  # the task died (node lost, worker killed): a failed attempt
+                ended.append((ref, f"ray: {type(e).__name__}"))
+        return ended
+
+    def stop(self, handles):
+        for ref in handles:
+            self.ray.cancel(ref)
+        if handles:
+            self.ray.wait(handles, num_returns=len(handles), timeout=40)
+
+
+def clear_outputs(run_dir):
+    """Remove what an earlier attempt left (the log stays, appended), so curves never mix attempts."""
+    for f in os.listdir(run_dir):
+        if f.startswith("events.out.tfevents") or f in ("summary.json", "postmortem.pt", "error.txt", "model.pt",
+                                                         "reproduce_failed.json"):
+            os.remove(os.path.join(run_dir, f))
+
+
+def execute(runs, backend, workers, exp_dir, steps, cuda, n_total):
+    """Run `runs` `workers` at a time; a run that does not end completed/exploded is tried once more,
+    then reported as failed. Returns the failed runs; raises KeyboardInterrupt after stopping the children."""
+    queue = [(run, 1) for run in runs]
+    running, failed = {}, []
+    n_done, n_ended, t0 = n_total - len(runs), 0, time.time()
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                run, attempt = queue.pop(0)
+                run_dir = os.path.join(exp_dir, run["name"])
+                os.makedirs(run_dir, exist_ok=True)
+                clear_outputs(run_dir)
+                cmd = command(run, steps, exp_dir, cuda)
+                running[backend.start(cmd, os.path.join(run_dir, "train.log"), attempt)] = (run, attempt, time.time())
+            for handle, code in backend.wait(list(running), timeout=1.0):
+                run, attempt, started = running.pop(handle)
+                run_dir = os.path.join(exp_dir, run["name"])
+                summary = read_json(os.path.join(run_dir, "summary.json")) or {}
+                status = summary.get("status")
+                if status not in DONE and attempt < 2:
+                    print(f"retrying {run['name']}: exit code {code}, status {status} (log: {run_dir}/train.log)",
+                          flush=True)
+                    queue.append((run, attempt + 1))
+                    continue
+                n_ended += 1
+                if status in DONE:
+                    n_done += 1
+                    result = f"{status:9s}"
+                else:
+                    failed.append(run)
+                    result = "FAILED   "
+                    with open(os.path.join(run_dir, "reproduce_failed.json"), "w") as f:
+                        json.dump({"attempts": attempt, "exit_code": code, "status": status,
+                                   "log": os.path.join(run_dir, "train.log")}, f)
+                final = summary.get("final_return")
+                elapsed = time.time() - t0
+                left = len(queue) + len(running)
+                eta = duration(elapsed / n_ended * left) if left else "0s"
+                print(f"[{n_done}/{n_total}] {result} {run['name']} in {duration(time.time() - started)}"
+                      f" (final return {'N/A' if final is None else f'{final:.1f}'}) | elapsed {duration(elapsed)},"
+                      f" ETA {eta}", flush=True)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping {len(running)} running runs (they save 'interrupted' summaries) ...",
+              file=sys.stderr, flush=True)
+        try:
+            backend.stop(list(running))
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            if isinstance(backend, Local):
+                for p in running:
+                    p.kill()
+        raise
+    return failed
+
+
+def cmd_run(exp, opts):
+    exp_dir = os.path.abspath(os.path.join(opts.out, exp))
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(os.path.join(exp_dir, ".lock"), "w") as lock:
+        try:  # two `run`s of one experiment would start the same runs twice
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            die(f"another `reproduce.py run` is using {exp_dir}")
+        return run_grid(exp, exp_dir, opts)
+
+
+def run_grid(exp, exp_dir, opts):
+    seeds, steps = resolve(exp, opts)
+    runs = runs_of(exp, seeds, opts.only)
+    states = [outcome(os.path.join(exp_dir, r["name"])) for r in runs]
+    # results of another budget would be averaged together with these: refuse
+    other = {s.get("args", {}).get("total_timesteps") for st, s in states if st in DONE} - {None, steps}
+    if other:
+        die(f"{exp_dir} holds runs of --total-timesteps {sorted(other)}, not {steps}: use another --out")
+    with open(os.path.join(exp_dir, "grid.json"), "w") as f:
+        json.dump({"seeds": seeds, "total_timesteps": steps}, f)
+    todo = [r for r, (st, _) in zip(runs, states) if st not in DONE]
+    workers = opts.workers or (len(todo) if opts.backend == "ray" else 1)  # ray: its resources decide
+    print(f"{exp}: {len(runs)} runs ({steps:,} steps, seeds {seed_list(seeds)}), {len(runs) - len(todo)} already done, "
+          f"{len(todo)} to run, {workers} at a time ({opts.backend}); logs in {exp_dir}", flush=True)
+    if not todo:
+        return 0
+    backend = Ray(opts.cuda) if opts.backend == "ray" else Local(workers)
+    try:
+        failed = execute(todo, backend, max(1, workers), exp_dir, steps, opts.cuda, len(runs))
+    except KeyboardInterrupt:
+        n = sum(outcome(os.path.join(exp_dir, r["name"]))[0] in DONE for r in runs)
+        print(f"{n}/{len(runs)} runs done; run the same command again to resume", file=sys.stderr)
+        return 130
+    if failed:
+        print(f"{len(failed)} runs FAILED twice (see each train.log; the report counts them as failed):")
+        for r in failed:
+            print(f"  {os.path.join(exp_dir, r['name'], 'train.log')}")
+        return 1
+    print(f"all {len(runs)} runs done; `python reproduce.py report {exp} --out {opts.out}` writes the report")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- report
+
+def iqm(x):
+    """Interquartile mean: the mean of the middle half (scipy.stats.trim_mean(x, 0.25))."""
+    x = np.sort(np.asarray(x, dtype=float))
+    k = int(0.25 * len(x))
+    return float(x[k:len(x) - k].mean())
+
+
+def iqm_ci(x, n_boot=10_000, seed=0):
+    """IQM with a 95% percentile-bootstrap CI over runs (fixed RNG seed, so reports are reproducible)."""
+    x = np.asarray(x, dtype=float)
+    n, k = len(x), int(0.25 * len(x))
+    boot = np.sort(x[np.random.default_rng(seed).integers(0, n, (n_boot, n))], axis=1)[:, k:n - k].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return iqm(x), float(lo), float(hi)
+
+
+def group_stats(rows):
+    """rows: [(outcome, summary)] of one grid cell -> the numbers of its table row."""
+    count = {k: sum(o == k for o, _ in rows) for k in ("completed", "exploded", "failed", "missing")}
+    finals = [s["final_return"] for o, s in rows if o == "completed" and s.get("final_return") is not None]
+    maxes = [s["max_return"] for o, s in rows if o in DONE and s.get("max_return") is not None]
+    steps = [s["explosion_step"] for o, s in rows if o == "exploded" and s.get("explosion_step") is not None]
+    ratios = [s["max_log10_ratio"] for o, s in rows if o in DONE and s.get("max_log10_ratio") is not None]
+    finished = count["completed"] + count["exploded"]
+    return dict(count=count, finals=finals, maxes=maxes,
+                final=(np.mean(finals), np.std(finals)) if finals else None,  # std: population, as the paper's "± 0"
+                max=(np.mean(maxes), np.std(maxes)) if maxes else None,
+                rate=count["exploded"] / finished if finished else None,
+                iqm=iqm_ci(finals) if finals else None,
+                explosion_step=float(np.median(steps)) if steps else None,
+                max_log10_ratio=float(np.median(ratios)) if ratios else None)
+
+
+def paper_numbers(exp, cell):
+    for match, numbers in PAPER.get(exp, []):
+        if all(cell.get(k) == v for k, v in match.items()):
+            return numbers
+    return None
+
+
+def resolve(exp, opts):
+    """Seeds and budget: the options if given, else the experiment's last `run`, else the paper's."""
+    last = read_json(os.path.join(opts.out, exp, "grid.json")) or {}
+    if opts.seeds:
+        if len(opts.seeds) == 1 and opts.seeds[0] < 1:
+            die("--seeds N needs N >= 1")
+        seeds = list(range(1, opts.seeds[0] + 1)) if len(opts.seeds) == 1 else list(opts.seeds)
+    else:
+        seeds = last.get("seeds") or list(range(1, EXPERIMENTS[exp].get("seeds", SEEDS) + 1))
+    return seeds, opts.total_timesteps or last.get("total_timesteps") or STEPS
+
+
+def cmd_report(exp, opts):
+    spec = EXPERIMENTS[exp]
+    exp_dir = os.path.join(opts.out, exp)
+    seeds, steps = resolve(exp, opts)
+    runs = runs_of(exp, seeds, opts.only)
+    for r in runs:
+        r["outcome"], r["summary"] = outcome(os.path.join(exp_dir, r["name"]))
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["group"], []).append(r)
+    # label columns: the flags that vary across the experiment; the others are stated once
+    all_flags = [dict(flags) for _, _, flags in spec["cells"]]
+    keys = list(dict.fromkeys(k for f in all_flags for k in f))
+    varying = [k for k in keys if len({fmt(f.get(k)) for f in all_flags}) > 1]
+    fixed = [" ".join(flag_args(k, all_flags[0][k])) for k in keys if k not in varying]
+    has = [i for i in range(3) if any(n[i] for _, n in PAPER.get(exp, []))]  # paper columns this table has
+    total = {k: sum(r["outcome"] == k for r in runs) for k in ("completed", "exploded", "failed", "missing")}
+
+    def pm(x):
+        return "N/A" if x is None else f"{x[0]:.1f} ± {x[1]:.1f}"
+
+    lines = [f"# {exp}: {spec['paper']}", "", spec["what"], "",
+             f"**Budget**: {steps:,} environment steps per run, seeds {seed_list(seeds)} ({len(seeds)} per group), "
+             f"{len(runs)} runs: {total['completed']} completed, {total['exploded']} exploded, {total['failed']} failed, "
+             f"{total['missing']} missing. Paper: 1,000,000 steps, 5 seeds. Other hyperparameters: the scripts' "
+             f"defaults (paper Tables 3, 4){'; ' + ', '.join(fixed) if fixed else ''}.", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{exp_dir}`.", ""]
+    header = ["algo", "env"] + varying + ["final return"] + (["paper"] if 0 in has else []) + ["max return"] + \
+        (["paper"] if 1 in has else []) + ["explosion rate"] + (["paper"] if 2 in has else []) + \
+        ["IQM final [95% CI]", "explosion step (median)", "max log10 ratio (median)", "runs C/E/F/M"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, members in groups.items():
+        r0 = members[0]
+        cell = {"algo": r0["algo"], "env": r0["env"], **{k: fmt(v) for k, v in r0["flags"].items()}}
+        st = group_stats([(r["outcome"], r["summary"]) for r in members])
+        paper = paper_numbers(exp, cell) or (None, None, None)
+        c = st["count"]
+        row = [cell["algo"], cell["env"]] + [cell[k] for k in varying] + [pm(st["final"])]
+        row += [paper[0] or "—"] if 0 in has else []
+        row += [pm(st["max"])] + ([paper[1] or "—"] if 1 in has else [])
+        row += ["N/A" if st["rate"] is None else f"{100 * st['rate']:.0f}% ({c['exploded']}/{c['completed'] + c['exploded']})"]
+        row += [paper[2] or "—"] if 2 in has else []
+        row += ["N/A" if st["iqm"] is None else "{:.1f} [{:.1f}, {:.1f}]".format(*st["iqm"]),
+                "—" if st["explosion_step"] is None else f"{st['explosion_step']:,.0f}",
+                "—" if st["max_log10_ratio"] is None else f"{st['max_log10_ratio']:.3g}",
+                f"{c['completed']}/{c['exploded']}/{c['failed']}/{c['missing']}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "**Definitions.** Final return: mean of a run's last 10 episodes (raw environment return), "
+              "mean ± std (population std) over *completed* runs, N/A if none. Max return: best 10-episode moving "
+              "average of a run, mean ± std over finished (completed or exploded) runs. A run explodes when a "
+              "minibatch update yields a non-finite loss, gradient norm or parameter; explosion rate = exploded "
+              "runs / finished runs, the paper's 'fails to complete training'. IQM: interquartile mean of the "
+              "final returns of completed runs, 95% percentile-bootstrap CI over runs (10,000 resamples, seed 0). "
+              "Explosion step: global step at which a run exploded. Max log10 ratio: largest log10 probability "
+              "ratio a run's objective used (after its clipping), median over finished runs. Runs C/E/F/M: "
+              "completed / exploded / failed (status error, or failed twice under reproduce.py) / missing "
+              "(not started, interrupted or still running).", ""]
+    figures, why = plot(exp, runs, exp_dir, spec.get("tags", STABILITY))
+    lines += ["## Figures", ""]
+    lines += [f"![{f}]({f})" for f in figures] if figures else [f"Figures skipped: {why}."]
+    lines += ["", "## Runs", "", "| run | status | steps | final return | max return | explosion step | max log10 ratio |",
+              "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        s = r["summary"]
+        status = r["outcome"] if r["outcome"] != "failed" else f"**FAILED** ({s.get('status')}; see train.log)"
+        lines.append(f"| {r['name']} | {status} | {num(s.get('global_step'), '{:,}')} | {num(s.get('final_return'))} | "
+                     f"{num(s.get('max_return'))} | {num(s.get('explosion_step'), '{:,}')} | "
+                     f"{num(s.get('max_log10_ratio'), '{:.3g}')} |")
+    path = os.path.join(exp_dir, "report.md")
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[: lines.index("## Figures")]))
+    print(f"wrote {path}" + (f" and {', '.join(figures)}" if figures else f" (figures skipped: {why})"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- figures
+
+def scalars(run_dir, tags):
+    """{tag: (steps, values)} from the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    have = set(acc.Tags().get("scalars", []))
+    return {t: (np.array([e.step for e in acc.Scalars(t)], dtype=float), np.array([e.value for e in acc.Scalars(t)]))
+            for t in tags if t in have}
+
+
+def moving_average(v, w=10):
+    """Mean of the last w values at each point (fewer at the start): the max_return smoothing."""
+    c = np.cumsum(np.insert(np.asarray(v, dtype=float), 0, 0.0))
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(i - w, 0)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def on_grid(series, n=200):
+    """Interpolate runs of different lengths onto one step grid: NaN where a run has no data (it ended or
+    exploded earlier), so the mean and spread at a step are over the runs still going."""
+    end = max(s[-1] for s, _ in series)
+    xs = np.linspace(0, end, n)
+    ys = np.array([np.where((xs >= s[0]) & (xs <= s[-1]), np.interp(xs, s, v), np.nan) for s, v in series])
+    return xs, ys
+
+
+def plot(exp, runs, exp_dir, tags):
+    """learning_curves.png (mean and min-max over seeds per group) and stability.png (each run, log-x so the
+    early explosions show; x marks where a run exploded). Returns (files, why none)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install matplotlib)"
+    try:
+        data = {r["name"]: scalars(os.path.join(exp_dir, r["name"]), ["charts/episodic_return"] + tags)
+                for r in runs if os.path.isdir(os.path.join(exp_dir, r["name"]))}
+    except ImportError:
+        return [], "tensorboard is not installed"
+    if not any(data.values()):
+        return [], "no TensorBoard logs yet"
+    envs = list(dict.fromkeys(r["env"] for r in runs))
+    # a line's label: its algo and the flags that vary between the lines of one panel (one env)
+    keys = {k for e in envs for k in dict.fromkeys(k for r in runs for k in r["flags"])
+            if len({fmt(r["flags"].get(k)) for r in runs if r["env"] == e}) > 1}
+    label = {r["group"]: " ".join([r["algo"]] + [f"{k}={fmt(v)}" for k, v in r["flags"].items() if k in keys])
+             for r in runs}
+    colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(dict.fromkeys(label.values()))}
+    files = []
+
+    fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for group in dict.fromkeys(r["group"] for r in runs if r["env"] == env):
+            series = [(d[0], moving_average(d[1])) for r in runs if r["group"] == group
+                      for d in [data.get(r["name"], {}).get("charts/episodic_return")] if d is not None and len(d[0])]
+            if not series:
+                continue
+            xs, ys = on_grid(series)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns past every run's end
+                mean, lo, hi = np.nanmean(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+            col = colors[label[group]]
+            ax.plot(xs, mean, color=col, label=f"{label[group]} (n={len(series)})")
+            ax.fill_between(xs, lo, hi, color=col, alpha=0.2)
+        ax.set(title=env, xlabel="environment steps", ylabel="episodic return (10-episode mean)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(exp_dir, "learning_curves.png"), dpi=100)
+    plt.close(fig)
+    files.append("learning_curves.png")
+
+    fig, axes = plt.subplots(len(tags), len(envs), figsize=(6 * len(envs), 3 * len(tags)), squeeze=False)
+    for j, env in enumerate(envs):
+        seen = set()
+        for r in runs:
+            if r["env"] != env:
+                continue
+            for i, tag in enumerate(tags):
+                d = data.get(r["name"], {}).get(tag)
+                if d is None or not len(d[0]):
+                    continue
+                col, lab = colors[label[r["group"]]], label[r["group"]]
+                axes[i, j].plot(d[0], d[1], color=col, lw=0.8, alpha=0.8, marker="." if len(d[0]) < 5 else None,
+                                label=None if lab in seen else lab)
+                seen.add(lab)
+                ok = np.isfinite(d[1])
+                if r["outcome"] == "exploded" and ok.any():
+                    axes[i, j].plot(d[0][ok][-1], d[1][ok][-1], "x", color=col, ms=8)
+        for i, tag in enumerate(tags):
+            axes[i, j].set(title=f"{env}: {tag.split('/')[-1]}", xscale="log", xlabel="environment steps")
+            if tag.endswith(("mean_abs_advantage", "policy_l2_from_init")):
+                axes[i, j].set_yscale("log")
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(exp_dir, "stability.png"), dpi=100)
+    plt.close(fig)
+    files.append("stability.png")
+    return files, ""
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["list", "run", "report"])
+    p.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}; or `all` (list, report)")
+    p.add_argument("--seeds", type=int, nargs="+", help="N: seeds 1..N (default 5); several: those seeds")
+    p.add_argument("--total-timesteps", type=int, help=f"steps per run (default {STEPS:,}, the paper's)")
+    p.add_argument("--workers", type=int, help="runs at a time (local default 1; ray default: all, Ray schedules)")
+    p.add_argument("--out", default="results", help="results folder (default results/)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="ray: one task per run on the cluster at $RAY_ADDRESS (local Ray if unset)")
+    p.add_argument("--cuda", action="store_true", help="pass --cuda to the runs (ray: one GPU per run)")
+    p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                   help="only the runs whose name contains every TEXT, e.g. --only Hopper-v4 mean-transform=clip")
+    opts = p.parse_args(argv)
+    if opts.experiment == "all" and opts.command != "run":
+        exps = list(EXPERIMENTS)
+        if opts.command == "report":  # the experiments that have results
+            exps = [e for e in exps if os.path.isdir(os.path.join(opts.out, e))] or die(f"no results in {opts.out}")
+    elif opts.experiment in EXPERIMENTS:
+        exps = [opts.experiment]
+    else:
+        die(f"unknown experiment {opts.experiment!r} (choose from {', '.join(EXPERIMENTS)}"
+            f"{'' if opts.command == 'run' else ', all'})")
+    if opts.workers is not None and opts.workers < 1:
+        die("--workers must be >= 1")
+    if opts.total_timesteps is not None and opts.total_timesteps < 1:
+        die("--total-timesteps must be >= 1")
+    if opts.command == "run":
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill <pid>: stop runs like Ctrl-C
+        try:
+            return cmd_run(exps[0], opts)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    for exp in exps:
+        if opts.command == "report":
+            cmd_report(exp, opts)
+            continue
+        seeds, steps = resolve(exp, opts)
+        runs = runs_of(exp, seeds, opts.only)
+        log_dir = os.path.join(opts.out, exp)
+        n_done = sum(outcome(os.path.join(log_dir, r["name"]))[0] in DONE for r in runs)
+        print(f"# {exp} ({EXPERIMENTS[exp]['paper']}): {len(runs)} runs, {steps:,} steps, seeds {seed_list(seeds)}, "
+              f"{n_done} done")
+        for r in runs:
+            cmd = command(r, steps, log_dir, opts.cuda)
+            print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""reproduce.py: the grids, resume after a kill, retries, the report's numbers and figures, the Ray
+backend, and one tiny real experiment. Training is replaced by tests/data/stub_runner.py except in
+the last test."""
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import reproduce  # noqa: E402
+
+REPRO = os.path.join(ROOT, "reproduce.py")
+STUB = os.path.join(ROOT, "tests", "data", "stub_runner.py")
+ALGOS = ("ppo", "cpg", "vpg")
+HAVE_SCRIPTS = all(os.path.exists(os.path.join(ROOT, f"{a}_continuous.py")) for a in ALGOS)
+
+
+@pytest.fixture
+def stubs(tmp_path, monkeypatch):
+    """The stub runner under the three script names, used by reproduce.py in and out of process."""
+    d = tmp_path / "stubs"
+    d.mkdir()
+    for a in ALGOS:
+        shutil.copy(STUB, d / f"{a}_continuous.py")
+    monkeypatch.setenv("REPRODUCE_SCRIPTS_DIR", str(d))
+    monkeypatch.delenv("STUB_PLAN", raising=False)
+    return d
+
+
+def calls(out, exp, name):
+    path = os.path.join(out, exp, name, "calls.txt")
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def status(out, exp, name):
+    return (reproduce.read_json(os.path.join(out, exp, name, "summary.json")) or {}).get("status")
+
+
+def flags_of(cmd):
+    """{flag: [values]} of a command line."""
+    out, key = {}, None
+    for tok in cmd[2:]:
+        if tok.startswith("--"):
+            key = tok[2:]
+            out[key] = []
+        else:
+            out[key].append(tok)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ grid
+
+EXPECTED = {  # experiment: (runs at 5 seeds, algos, envs)
+    "mean-transform": (45, {"ppo"}, set(reproduce.ENVS)),
+    "vpg": (15, {"vpg"}, set(reproduce.ENVS)),
+    "reward-scale": (20, {"ppo"}, {"Hopper-v4"}),
+    "constraints": (15, {"ppo"}, {"Humanoid-v4"}),
+    "small-nets": (30, {"ppo", "cpg"}, set(reproduce.ENVS)),
+    "large-nets": (30, {"ppo", "cpg"}, set(reproduce.ENVS)),
+    "learning-rate": (15, {"ppo"}, {"Walker2d-v4"}),
+    "optimizer-width": (30, {"ppo"}, {"Hopper-v4"}),
+    "shifted-mean": (15, {"ppo", "cpg", "vpg"}, {"Humanoid-v4"}),
+    "logprob-at": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
+}
+
+
+def values(exp, flag):
+    return {tuple(flags_of(reproduce.command(r, 1000, "out"))[flag]) for r in reproduce.runs_of(exp, [1])}
+
+
+def test_grid_contents():
+    assert set(reproduce.EXPERIMENTS) == set(EXPECTED)
+    for exp, (n, algos, envs) in EXPECTED.items():
+        runs = reproduce.runs_of(exp, [1, 2, 3, 4, 5])
+        assert len(runs) == n, exp
+        assert len({r["name"] for r in runs}) == n, exp  # names unique
+        assert {r["algo"] for r in runs} == algos and {r["env"] for r in runs} == envs, exp
+        for r in runs:
+            cmd = reproduce.command(r, 1234, "/o", cuda=True)
+            f = flags_of(cmd)
+            assert cmd[0] == sys.executable and cmd[1].endswith(f"{r['algo']}_continuous.py")
+            assert f["env-id"] == [r["env"]] and f["seed"] == [str(r["seed"])] and f["total-timesteps"] == ["1234"]
+            assert f["log-dir"] == ["/o"] and f["run-name"] == [r["name"]] and f["cuda"] == []
+            assert r["name"].startswith(f"{r['algo']}__{r['env']}__") and r["name"].endswith(f"__s{r['seed']}")
+            if exp not in ("small-nets", "optimizer-width"):  # the paper's per-env widths (Table 3)
+                assert f["policy-hidden"] == [str(w) for w in reproduce.WIDE[r["env"]]]
+            if "objective" in f:
+                assert r["algo"] == "ppo"  # PPO-only flag
+    assert values("mean-transform", "mean-transform") == {("clip",), ("tanh",), ("none",)}
+    assert values("reward-scale", "reward-scale") == {("1",), ("0.1",), ("0.01",), ("0.001",)}
+    assert values("constraints", "objective") == {("clip",), ("kl-penalty",), ("none",)}
+    assert values("constraints", "mean-shift") == values("shifted-mean", "mean-shift") == {("100",)}
+    assert values("small-nets", "policy-hidden") == {("64", "64")}
+    assert values("learning-rate", "learning-rate") == {("0.0001",), ("3e-05",), ("1e-05",)}
+    assert values("optimizer-width", "optimizer") == {("adam",), ("sgd",)}
+    assert values("optimizer-width", "policy-hidden") == {("64",), ("256",), ("1024",)}
+    assert values("logprob-at", "logprob-at") == {("clipped",), ("raw",)}
+    assert reproduce.runs_of("vpg", [1, 2], only=["Walker2d", "s2"])[0]["name"] == "vpg__Walker2d-v4__policy-hidden=1024-1024__s2"
+
+
+@pytest.mark.skipif(not HAVE_SCRIPTS, reason="training scripts not present")
+def test_commands_parse_with_the_scripts_own_args():
+    """Every distinct command shape parses with the real scripts' tyro Args into the intended values."""
+    import tyro
+    modules = {}
+    for a in ALGOS:
+        spec = importlib.util.spec_from_file_location(f"_{a}_script", os.path.join(ROOT, f"{a}_continuous.py"))
+        modules[a] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[a])  # not __main__: defines Args, trains nothing
+    for exp in reproduce.EXPERIMENTS:
+        for r in reproduce.runs_of(exp, [3]):
+            cmd = reproduce.command(r, 5000, "/tmp/x", cuda=False)
+            assert cmd[1] == os.path.join(ROOT, f"{r['algo']}_continuous.py")
+            args = tyro.cli(modules[r["algo"]].Args, args=cmd[2:])
+            assert (args.env_id, args.seed, args.total_timesteps) == (r["env"], 3, 5000)
+            assert (args.log_dir, args.run_name) == ("/tmp/x", r["name"])
+            for k, v in r["flags"].items():
+                got = getattr(args, k.replace("-", "_"))
+                assert (list(got) if k == "policy-hidden" else got) == v, (exp, k)
+
+
+def test_list_cli_and_bad_names(tmp_path):
+    out = subprocess.run([sys.executable, REPRO, "list", "reward-scale", "--seeds", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("# reward-scale (Table 6): 8 runs, 1,000,000 steps, seeds 1,2")
+    cmds = [shlex.split(line) for line in lines[1:]]
+    assert len(cmds) == 8 and all(c[:2] == ["python", "ppo_continuous.py"] for c in cmds)
+    assert flags_of(cmds[2])["reward-scale"] == ["0.1"] and flags_of(cmds[2])["seed"] == ["1"]
+    listed = subprocess.run([sys.executable, REPRO, "list", "all"], capture_output=True, text=True, cwd=ROOT)
+    assert sum(line.startswith("python ") for line in listed.stdout.splitlines()) == sum(
+        n for n, _, _ in EXPECTED.values())
+    for argv in (["list", "nope"], ["report", "nope"], ["run", "all"]):
+        bad = subprocess.run([sys.executable, REPRO, *argv], capture_output=True, text=True, cwd=ROOT)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, argv
+        assert "unknown experiment" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_kill(stubs, tmp_path, sig):
+    """Kill `run` mid-grid: children save 'interrupted', finished runs are never rerun, the rest are."""
+    out = str(tmp_path / "out")
+    exp = "reward-scale"
+    names = [r["name"] for r in reproduce.runs_of(exp, [1, 2])]
+    fast, slow, later = names[:2], names[2:4], names[4:]  # grid order: scale 1, 0.1, 0.01, 0.001
+    env = {**os.environ, "STUB_PLAN": json.dumps({"reward-scale=0.1__": "sleep"}), "STUB_SLEEP": "60"}
+    cmd = [sys.executable, REPRO, "run", exp, "--seeds", "2", "--workers", "2", "--out", out]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not all(status(out, exp, n) == "running" for n in slow):
+        assert time.time() < deadline and p.poll() is None, "the slow runs never started"
+        time.sleep(0.1)
+    p.send_signal(sig)
+    log = p.communicate(timeout=60)[0]
+    assert p.returncode == 130, log
+    assert "[1/8] completed" in log and "[2/8] completed" in log and "to resume" in log
+    assert [status(out, exp, n) for n in fast + slow] == ["completed"] * 2 + ["interrupted"] * 2
+    pids = [int(open(os.path.join(out, exp, n, "calls.txt")).read().split()[0]) for n in slow]
+    for pid in pids:  # the children were stopped, not orphaned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert all(calls(out, exp, n) == 0 for n in later)
+
+    done = subprocess.run(cmd, env={**env, "STUB_PLAN": "{}"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 already done, 6 to run" in done.stdout and "[8/8]" in done.stdout and "ETA" in done.stdout
+    assert [calls(out, exp, n) for n in names] == [1, 1, 2, 2, 1, 1, 1, 1]
+    assert all(status(out, exp, n) == "completed" for n in names)
+    log = open(os.path.join(out, exp, slow[0], "train.log")).read()  # both attempts' output, appended
+    assert log.count("attempt 1:") == 2 and "stub sleep call 1" in log and "stub complete call 2" in log
+    assert "stub stderr line" in log
+
+
+def test_retry_once_then_failed_and_reported(stubs, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    hop, walk, hum = (r["name"] for r in reproduce.runs_of("vpg", [1]))
+    monkeypatch.setenv("STUB_PLAN", json.dumps({"Hopper": "error", "Walker2d": "error-once", "Humanoid": "crash"}))
+    assert reproduce.main(["run", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "3000"]) == 1
+    text = capsys.readouterr().out
+    assert [calls(out, "vpg", n) for n in (hop, walk, hum)] == [2, 2, 2]  # each retried exactly once
+    assert text.count("retrying") == 3 and text.count("FAILED") >= 2 and "2 runs FAILED twice" in text
+    assert f"FAILED    {hop}" in text and f"FAILED    {hum}" in text and f"completed {walk}" in text
+    assert [reproduce.outcome(os.path.join(out, "vpg", n))[0] for n in (hop, walk, hum)] == \
+        ["failed", "completed", "failed"]
+    marker = json.load(open(os.path.join(out, "vpg", hum, "reproduce_failed.json")))
+    assert marker["attempts"] == 2 and marker["exit_code"] == 1 and marker["status"] == "running"
+
+    reproduce.main(["report", "vpg", "--out", out])  # budget and seeds from the last run
+    report = open(os.path.join(out, "vpg", "report.md")).read()
+    assert "3,000 environment steps per run, seeds 1 (1 per group), 3 runs: 1 completed, 0 exploded, 2 failed" in report
+    assert report.count("| 0/0/1/0 |") == 2 and "| 1/0/0/0 |" in report and report.count("**FAILED**") == 2
+
+    monkeypatch.setenv("STUB_PLAN", "{}")  # a later run retries the failed ones, never the finished one
+    assert reproduce.main(["run", "vpg", "--out", out]) == 0
+    assert [calls(out, "vpg", n) for n in (hop, walk, hum)] == [3, 2, 3]
+    assert not os.path.exists(os.path.join(out, "vpg", hum, "reproduce_failed.json"))
+    assert all(reproduce.outcome(os.path.join(out, "vpg", n))[0] == "completed" for n in (hop, walk, hum))
+
+
+def test_refuses_to_mix_budgets(stubs, tmp_path):
+    out = str(tmp_path / "out")
+    assert reproduce.main(["run", "vpg", "--seeds", "1", "--only", "Hopper", "--out", out,
+                           "--total-timesteps", "1000"]) == 0
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["run", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "2000"])
+    assert e.value.code == 2
+    assert calls(out, "vpg", reproduce.runs_of("vpg", [1])[0]["name"]) == 1
+
+
+# -------------------------------------------------------------------------------------------- report
+
+def test_iqm_and_bootstrap_ci():
+    assert reproduce.iqm([8, 1, 7, 2, 6, 3, 5, 4]) == 4.5  # mean of 3, 4, 5, 6
+    assert reproduce.iqm([1, 2, 3, 4, 100]) == 3.0  # middle three
+    assert reproduce.iqm([5]) == 5.0
+    m, lo, hi = reproduce.iqm_ci([100, 200, 300, 400])
+    assert m == 250 and 100 <= lo < 250 < hi <= 400
+    assert reproduce.iqm_ci([100, 200, 300, 400]) == (m, lo, hi)  # fixed RNG seed: reproducible
+    assert reproduce.iqm_ci([7, 7, 7]) == (7.0, 7.0, 7.0)
+
+
+def test_on_grid_handles_runs_of_different_lengths():
+    xs, ys = reproduce.on_grid([(np.array([0.0, 100.0]), np.array([0.0, 10.0])),
+                                (np.array([0.0, 40.0]), np.array([5.0, 5.0]))], n=11)
+    assert xs[-1] == 100 and np.allclose(ys[0], np.arange(11))
+    assert np.allclose(ys[1][:5], 5) and np.isnan(ys[1][5:]).all()  # no data after the short run ended
+    assert np.allclose(reproduce.moving_average([1, 2, 3, 4], w=2), [1, 1.5, 2.5, 3.5])
+
+
+def write_summary(out, exp, name, **fields):
+    d = os.path.join(out, exp, name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump({"args": {"total_timesteps": 5000}, "max_log10_ratio": 0.5, **fields}, f)
+    return d
+
+
+def test_report_numbers_and_figures(tmp_path):
+    out, exp = str(tmp_path), "reward-scale"
+    runs = {(r["flags"]["reward-scale"], r["seed"]): r["name"] for r in reproduce.runs_of(exp, [1, 2, 3, 4, 5])}
+    for s, m in zip(range(1, 6), [1000, 1100, 900, 1200, 800]):  # scale 1: all explode
+        write_summary(out, exp, runs[1.0, s], status="exploded", max_return=m, final_return=3.0,
+                      explosion_step=1000 * s, max_log10_ratio=38.0)
+    for s, f in zip(range(1, 5), [100, 200, 300, 400]):  # scale 0.1: four complete, one explodes
+        write_summary(out, exp, runs[0.1, s], status="completed", final_return=f, max_return=f + 10)
+    write_summary(out, exp, runs[0.1, 5], status="exploded", final_return=50, max_return=60, explosion_step=7000)
+    for s, f in zip(range(1, 4), [10, 20, 60]):  # scale 0.01: three complete, one error, one missing
+        write_summary(out, exp, runs[0.01, s], status="completed", final_return=f, max_return=f)
+    write_summary(out, exp, runs[0.01, 4], status="error", final_return=1.0, max_return=1.0)
+
+    from torch.utils.tensorboard import SummaryWriter
+    for seed, n_steps in ((1, 5), (2, 2)):  # two runs of different lengths
+        w = SummaryWriter(os.path.join(out, exp, runs[0.1, seed]))
+        for i in range(1, n_steps + 1):
+            w.add_scalar("charts/episodic_return", 10.0 * i + seed, 1000 * i)
+            for tag in reproduce.STABILITY:
+                w.add_scalar(tag, 0.1 * i, 1000 * i)
+        w.close()
+    w = SummaryWriter(os.path.join(out, exp, runs[1.0, 1]))  # an exploded run: inf at the end
+    w.add_scalar("stability/max_log10_ratio", 2.0, 1000)
+    w.add_scalar("stability/max_log10_ratio", float("inf"), 2000)
+    w.close()
+    got = reproduce.scalars(os.path.join(out, exp, runs[0.1, 1]), ["charts/episodic_return", "not/there"])
+    assert list(got) == ["charts/episodic_return"]
+    assert np.allclose(got["charts/episodic_return"][0], [1000, 2000, 3000, 4000, 5000])
+    assert np.allclose(got["charts/episodic_return"][1], [11, 21, 31, 41, 51])
+
+    rows = lambda scale: [reproduce.outcome(os.path.join(out, exp, runs[scale, s])) for s in range(1, 6)]  # noqa
+    st = reproduce.group_stats(rows(0.1))
+    assert st["count"] == {"completed": 4, "exploded": 1, "failed": 0, "missing": 0}
+    assert np.allclose(st["final"], (250, np.std([100, 200, 300, 400]))) and st["rate"] == 0.2
+    assert np.allclose(st["max"], (np.mean([110, 210, 310, 410, 60]), np.std([110, 210, 310, 410, 60])))
+    assert st["iqm"] == reproduce.iqm_ci([100, 200, 300, 400]) and st["explosion_step"] == 7000
+    st = reproduce.group_stats(rows(1.0))
+    assert st["final"] is None and st["rate"] == 1.0 and np.allclose(st["max"], (1000, np.std([1000, 1100, 900, 1200, 800])))
+    assert st["explosion_step"] == 3000 and st["max_log10_ratio"] == 38.0
+    st = reproduce.group_stats(rows(0.01))
+    assert st["count"] == {"completed": 3, "exploded": 0, "failed": 1, "missing": 1} and st["rate"] == 0.0
+    assert np.allclose(st["final"], (30, np.std([10, 20, 60])))
+    assert reproduce.group_stats(rows(0.001))["count"]["missing"] == 5
+
+    assert reproduce.main(["report", exp, "--out", out, "--seeds", "5", "--total-timesteps", "5000"]) == 0
+    report = open(os.path.join(out, exp, "report.md")).read()
+    assert "5,000 environment steps per run, seeds 1-5 (5 per group), 20 runs: 7 completed, 6 exploded, 1 failed, 6 missing" in report
+    line = lambda scale: next(x for x in report.splitlines() if f"| ppo | Hopper-v4 | {scale} |" in x)  # noqa
+    assert line("1") == ("| ppo | Hopper-v4 | 1 | N/A | N/A | 1000.0 ± 141.4 | 1057 ± 593 | 100% (5/5) | 100% | N/A "
+                         "| 3,000 | 38 | 0/5/0/0 |")
+    assert line("0.1").startswith("| ppo | Hopper-v4 | 0.1 | 250.0 ± 111.8 | 2792 ± 792 | 220.0 ± 128.1 | 2897 ± 759 "
+                                  "| 20% (1/5) | 20% | 250.0 [")
+    assert line("0.01").endswith("| 3/0/1/1 |") and "30.0 ± 21.6" in line("0.01") and "0% (0/3)" in line("0.01")
+    assert line("0.001").startswith("| ppo | Hopper-v4 | 0.001 | N/A | 2303 ± 0 | N/A | 2269 ± 933 | N/A | 80% |")
+    assert "explosion rate = exploded runs / finished runs" in report and "fails to complete training" in report
+    if importlib.util.find_spec("matplotlib"):
+        for f in ("learning_curves.png", "stability.png"):
+            assert f"![{f}]({f})" in report
+            with open(os.path.join(out, exp, f), "rb") as fh:
+                assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "Figures skipped: matplotlib is not installed" in report
+
+
+# ---------------------------------------------------------------------------------------------- ray
+
+def test_ray_backend(stubs, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("STUB_PLAN", json.dumps({"Walker2d": "error-once", "Humanoid": "explode"}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit STUB_PLAN
+    try:
+        assert reproduce.main(["run", "vpg", "--seeds", "2", "--backend", "ray", "--out", out]) == 0
+        names = [r["name"] for r in reproduce.runs_of("vpg", [1, 2])]
+        assert [calls(out, "vpg", n) for n in names] == [1, 1, 2, 2, 1, 1]  # Walker2d retried once
+        assert [status(out, "vpg", n) for n in names] == ["completed"] * 4 + ["exploded"] * 2
+        assert reproduce.main(["run", "vpg", "--backend", "ray", "--out", out]) == 0  # resume: nothing to do
+        assert [calls(out, "vpg", n) for n in names] == [1, 1, 2, 2, 1, 1]
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------- real, end to end
+
+@pytest.mark.skipif(not HAVE_SCRIPTS, reason="training scripts not present")
+def test_end_to_end_shifted_mean(tmp_path):
+    """The real scripts, 2 iterations each: PPO with the mean shifted out of the box explodes (the ratio
+    overflows), CPG and VPG complete; the report and figures come from their real logs."""
+    out = str(tmp_path)
+    cmd = [sys.executable, REPRO, "run", "shifted-mean", "--seeds", "1", "--total-timesteps", "2000",
+           "--workers", "2", "--out", out]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ppo, cpg, vpg = (r["name"] for r in reproduce.runs_of("shifted-mean", [1]))
+    assert [status(out, "shifted-mean", n) for n in (ppo, cpg, vpg)] == ["exploded", "completed", "completed"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout
+    rep = subprocess.run([sys.executable, REPRO, "report", "shifted-mean", "--out", out],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    report = open(os.path.join(out, "shifted-mean", "report.md")).read()
+    assert "2,000 environment steps per run" in report and "| 0/1/0/0 |" in report
+    assert report.count("| 1/0/0/0 |") == 2
+    if importlib.util.find_spec("matplotlib"):
+        assert os.path.getsize(os.path.join(out, "shifted-mean", "stability.png")) > 10_000
