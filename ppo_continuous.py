@@ -429,10 +429,12 @@ def write_json_atomically(path, data):
 
 
 def versions():
-    import mujoco
-
+    try:
+        import mujoco
+    except ImportError:
+        mujoco = None
     return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-            "mujoco": mujoco.__version__, "numpy": np.__version__, "tyro": tyro.__version__}
+            "mujoco": mujoco and mujoco.__version__, "numpy": np.__version__, "tyro": tyro.__version__}
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -615,7 +617,8 @@ if __name__ == "__main__":
                 reason, mb, loss, grad_norm, epoch = exploded
                 postmortem_path = os.path.join(run_dir, "postmortem.pt")
                 torch.save({
-                    "reason": reason, "global_step": global_step, "iteration": iteration, "epoch": epoch,
+                    "reason": reason, "loss": loss.detach().cpu(), "grad_norm": grad_norm.detach().cpu(),
+                    "global_step": global_step, "iteration": iteration, "epoch": epoch,
                     "minibatch": {key: value.detach().cpu() for key, value in mb.items()},
                     "agent": {key: value.cpu() for key, value in agent.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "args": asdict(args), "obs_dim": obs_dim,
