@@ -165,7 +165,8 @@ def make_env(env_id, idx, capture_video, run_dir, gamma, norm_obs, norm_reward):
             env = gym.wrappers.RecordVideo(env, f"{run_dir}/videos")
         else:
             env = gym.make(env_id)
-        env = gym.wrappers.FlattenObservation(env)
+        if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+            env = gym.wrappers.FlattenObservation(env)
         # innermost, so logged returns are the raw environment returns
         env = gym.wrappers.RecordEpisodeStatistics(env)
         if norm_obs:
@@ -187,6 +188,7 @@ def make_envs(args, run_dir):
             [make_env(args.env_id, i, args.capture_video, run_dir, args.gamma, args.norm_obs, args.norm_reward)
              for i in range(args.num_envs)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+            copy=False,
         )
     except Exception as e:
         raise BadArgument(f"cannot make env {args.env_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -237,7 +239,9 @@ class Agent(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def mean(self, obs):
-        mean = self.actor_mean(obs) + self.mean_shift
+        mean = self.actor_mean(obs)
+        if self.mean_shift:
+            mean = mean + self.mean_shift
         if self.mean_transform == "clip":
             return torch.maximum(torch.minimum(mean, self.action_high), self.action_low)
         if self.mean_transform == "tanh":
@@ -317,7 +321,7 @@ def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode
             obs[step] = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
             mean = agent.mean(obs[step])
             sample = mean + std * noise[step]
-            clipped = torch.maximum(torch.minimum(sample, agent.action_high), agent.action_low)
+            clipped = sample.clamp(agent.action_low, agent.action_high)
             old_means[step] = mean
             actions[step] = clipped if args.logprob_at == "clipped" else sample
             next_obs, reward, terminated, truncated, infos = envs.step(clipped.cpu().numpy())
@@ -405,6 +409,13 @@ def replay(path):
     return loss.detach(), grad_norm, stats
 
 
+def nonfinite_reason(loss, params):
+    if not all(bool(p.isfinite().all()) for p in params):
+        # the previous step made it so: the postmortem holds the networks after that step
+        return "non-finite parameter"
+    return "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
+
+
 def finite_or_none(x):
     return x if x is None or math.isfinite(x) else None
 
@@ -478,9 +489,9 @@ if __name__ == "__main__":
     initial_actor_mean = copy.deepcopy(agent.actor_mean).requires_grad_(False)
     params = list(agent.parameters())
     if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
     else:
-        optimizer = torch.optim.SGD(params, lr=args.learning_rate)
+        optimizer = torch.optim.SGD(params, lr=args.learning_rate, fused=True)
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
 
@@ -530,10 +541,11 @@ if __name__ == "__main__":
             iteration_stats, losses, grad_norms = [], [], []
             exploded = None
             for epoch in range(args.update_epochs):
+                # one gather per epoch: the minibatches are then views of the shuffled batch
                 permutation = torch.randperm(batch_size, device=device)
+                shuffled = {key: value[permutation] for key, value in batch.items()}
                 for start in range(0, batch_size, args.minibatch_size):
-                    mb_inds = permutation[start: start + args.minibatch_size]
-                    mb = {key: value[mb_inds] for key, value in batch.items()}
+                    mb = {key: value[start: start + args.minibatch_size] for key, value in shuffled.items()}
                     loss, pg_loss, v_loss, entropy, stats = minibatch_loss(agent, mb, args, surrogate_fn)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -542,22 +554,21 @@ if __name__ == "__main__":
                     grad_norms.append(grad_norm.detach())
                     if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                         nonfinite_updates += 1
-                        reason = "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
                         if args.on_nonfinite == "stop":
-                            exploded = (reason, mb, loss, grad_norm, epoch)
+                            exploded = (nonfinite_reason(loss, params), mb, loss, grad_norm, epoch)
                             break
                         continue
                     optimizer.step()
                     losses.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach()]))
-                    if not torch.isfinite(nn.utils.get_total_norm(params)):
-                        # cannot be undone: the postmortem holds the networks after this step
-                        nonfinite_updates += 1
-                        exploded = ("non-finite parameter after the optimizer step", mb, loss, grad_norm, epoch)
-                        break
                 if exploded:
                     break
                 if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
                     break
+            # a step that makes a parameter non-finite shows in the next minibatch's loss; this catches
+            # the last step, and stops even in skip mode, since nothing can be learned from there on
+            if not exploded and not torch.isfinite(nn.utils.get_total_norm(params)):
+                nonfinite_updates += 1
+                exploded = ("non-finite parameter", mb, loss, grad_norm, epoch)
 
             # stability telemetry of the iteration (the paper's figures)
             with torch.no_grad():
