@@ -289,9 +289,9 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind):
         surr = ratio * advantages
     with torch.no_grad():
         log_ratio, ratio = log_ratio.detach(), ratio.detach()
-        upper, lower = math.log1p(clip_coef), math.log1p(-clip_coef)
         if kind == "ppo":
-            effective = torch.where(advantages >= 0, log_ratio.clamp(max=upper), log_ratio.clamp(min=lower))
+            effective = torch.where(advantages >= 0, log_ratio.clamp(max=math.log(1 + clip_coef)),
+                                    log_ratio.clamp(min=math.log(1 - clip_coef)))
         else:
             effective = log_ratio
         finite = new_logp.detach().isfinite() & old_logp.isfinite() & advantages.isfinite()
@@ -299,7 +299,8 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind):
             "max_log_ratio": log_ratio.max(),
             "min_log_ratio": log_ratio.min(),
             "max_log_ratio_effective": effective.max(),
-            "clip_frac": ((log_ratio > upper) | (log_ratio < lower)).to(log_ratio.dtype).mean(),
+            "clip_frac": ((log_ratio > math.log1p(clip_coef)) | (log_ratio < math.log1p(-clip_coef)))
+                         .to(log_ratio.dtype).mean(),
             "approx_kl": ((ratio - 1) - log_ratio).mean(),
             "n_nonfinite": (~finite).sum(),
             "n_overflow": (log_ratio.isfinite() & ratio.isinf()).sum(),

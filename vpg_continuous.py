@@ -285,14 +285,14 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind="vpg"):
     with torch.no_grad():
         log_ratio = (new_logp - old_logp).detach()
         ratio = log_ratio.exp()
-        upper, lower = math.log1p(clip_coef), math.log1p(-clip_coef)
         effective = log_ratio
         finite = new_logp.detach().isfinite() & old_logp.isfinite() & advantages.isfinite()
         stats = {
             "max_log_ratio": log_ratio.max(),
             "min_log_ratio": log_ratio.min(),
             "max_log_ratio_effective": effective.max(),
-            "clip_frac": ((log_ratio > upper) | (log_ratio < lower)).to(log_ratio.dtype).mean(),
+            "clip_frac": ((log_ratio > math.log1p(clip_coef)) | (log_ratio < math.log1p(-clip_coef)))
+                         .to(log_ratio.dtype).mean(),
             "approx_kl": ((ratio - 1) - log_ratio).mean(),
             "n_nonfinite": (~finite).sum(),
             "n_overflow": (log_ratio.isfinite() & ratio.isinf()).sum(),
