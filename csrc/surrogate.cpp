@@ -1,0 +1,116 @@
+// Fused policy-gradient surrogate: schema (the one TORCH_LIBRARY block) and the CPU kernel.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "surrogate.h"
+
+namespace stable_pg {
+
+// Chunks are the parallel work unit. Their size is fixed, each is reduced in a fixed order and
+// the chunk partials are combined in index order: results do not depend on the thread count.
+constexpr int64_t kChunk = 16384;
+// Within a chunk, blocks small enough to stay in L1 between the passes below.
+constexpr int64_t kBlock = 512;
+// Independent accumulators: a fixed summation order that the compiler can still vectorise.
+constexpr int64_t kLanes = 8;
+
+template <typename T, int64_t KIND>
+static Partial<T> reduce_chunk(const T* __restrict__ nl, const T* __restrict__ ol, const T* __restrict__ adv,
+                               T* __restrict__ grad, int64_t n, const Params<T>& P) {
+  alignas(64) T lr[kBlock], ratio[kBlock], surr[kBlock], kl[kBlock], eff[kBlock];
+  double s[kLanes] = {}, k[kLanes] = {};
+  T mx[kLanes], mn[kLanes], me[kLanes];
+  const Partial<T> id = identity<T>();
+  for (int64_t l = 0; l < kLanes; ++l) mx[l] = id.max_lr, mn[l] = id.min_lr, me[l] = id.max_eff;
+  int64_t n_clip = 0, n_nonfinite = 0, n_overflow = 0;
+
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    int32_t c_clip = 0, c_nonfinite = 0, c_overflow = 0;
+    for (int64_t j = 0; j < m; ++j) lr[j] = nl[b + j] - ol[b + j];
+    // libm's exp does not vectorise (without fast-math); isolating it lets everything else.
+    for (int64_t j = 0; j < m; ++j) ratio[j] = std::exp(lr[j]);
+    for (int64_t j = 0; j < m; ++j) {
+      surr[j] = surrogate_and_grad<T, KIND>(nl[b + j], lr[j], ratio[j], adv[b + j], P, grad[b + j]);
+      kl[j] = (ratio[j] - T(1)) - lr[j];
+      eff[j] = effective_log_ratio<T, KIND>(lr[j], adv[b + j], P);
+      c_clip += is_clipped(lr[j], P);
+      c_nonfinite += any_nonfinite(nl[b + j], ol[b + j], adv[b + j]);
+      c_overflow += overflowed(lr[j], ratio[j]);
+    }
+    n_clip += c_clip, n_nonfinite += c_nonfinite, n_overflow += c_overflow;
+    // Pad the last block to whole lanes with neutral values (max/min: repeat an element).
+    const int64_t mp = (m + kLanes - 1) / kLanes * kLanes;
+    for (int64_t j = m; j < mp; ++j) surr[j] = kl[j] = T(0), lr[j] = lr[0], eff[j] = eff[0];
+    for (int64_t j = 0; j < mp; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        s[l] += double(surr[j + l]);
+        k[l] += double(kl[j + l]);
+        mx[l] = nan_max(mx[l], lr[j + l]);
+        mn[l] = nan_min(mn[l], lr[j + l]);
+        me[l] = nan_max(me[l], eff[j + l]);
+      }
+  }
+  Partial<T> p = id;
+  for (int64_t l = 0; l < kLanes; ++l) combine(p, Partial<T>{s[l], k[l], mx[l], mn[l], me[l], 0, 0, 0});
+  p.n_clip = n_clip, p.n_nonfinite = n_nonfinite, p.n_overflow = n_overflow;
+  return p;
+}
+
+template <typename T, int64_t KIND>
+static void run(const T* nl, const T* ol, const T* adv, T* grad, int64_t n, const Params<T>& P,
+                T* loss, T* fstats, int64_t* istats) {
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<Partial<T>> parts(nchunks);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i = c * kChunk;
+      parts[c] = reduce_chunk<T, KIND>(nl + i, ol + i, adv + i, grad + i, std::min(kChunk, n - i), P);
+    }
+  });
+  Partial<T> total = identity<T>();
+  for (const auto& p : parts) combine(total, p);
+  finish(total, n, loss, fstats, istats);
+}
+
+// Input validation lives in Python (fused_loss._check); these are internal consistency checks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> surrogate_fwd_cpu(
+    const at::Tensor& new_logp, const at::Tensor& old_logp, const at::Tensor& adv, double clip_coef,
+    int64_t kind) {
+  TORCH_CHECK(new_logp.dim() == 1 && new_logp.sizes() == old_logp.sizes() && new_logp.sizes() == adv.sizes());
+  TORCH_CHECK(new_logp.numel() > 0 && kind >= PPO && kind <= VPG);
+  TORCH_CHECK(old_logp.scalar_type() == new_logp.scalar_type() && adv.scalar_type() == new_logp.scalar_type());
+  const auto nl = new_logp.contiguous(), ol = old_logp.contiguous(), ad = adv.contiguous();
+  const int64_t n = nl.numel();
+  auto loss = at::empty({}, nl.options());
+  auto grad = at::empty({n}, nl.options());
+  auto fstats = at::empty({5}, nl.options());
+  auto istats = at::empty({2}, nl.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(nl.scalar_type(), "surrogate_fwd_cpu", [&] {
+    const auto P = make_params<scalar_t>(clip_coef, n);
+    dispatch_kind(kind, [&](auto k) {
+      run<scalar_t, decltype(k)::value>(nl.const_data_ptr<scalar_t>(), ol.const_data_ptr<scalar_t>(),
+                                        ad.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), n,
+                                        P, loss.mutable_data_ptr<scalar_t>(),
+                                        fstats.mutable_data_ptr<scalar_t>(), istats.mutable_data_ptr<int64_t>());
+    });
+  });
+  return {loss, grad, fstats, istats};
+}
+
+// fstats = [max_log_ratio, min_log_ratio, max_log_ratio_effective, clip_frac, approx_kl]
+// istats = [n_nonfinite, n_overflow]; grad = d loss / d new_logp, saved for the backward.
+TORCH_LIBRARY(stable_pg, m) {
+  m.def("surrogate_fwd(Tensor new_logp, Tensor old_logp, Tensor adv, float clip_coef, int kind)"
+        " -> (Tensor loss, Tensor grad, Tensor fstats, Tensor istats)",
+        {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(stable_pg, CPU, m) { m.impl("surrogate_fwd", &surrogate_fwd_cpu); }
+
+}  // namespace stable_pg

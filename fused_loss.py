@@ -1,0 +1,229 @@
+"""Policy-gradient surrogate losses with overflow diagnostics, and an optional fused C++/CUDA op.
+
+    loss, stats = surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto")
+    loss, stats = surrogate_reference(new_logp, old_logp, advantages, clip_coef, kind)
+    backend_info() -> str
+
+kind: "ppo" (paper eq. 11), "cpg" (eq. 15, the clipped log-ratio objective), "is" (plain
+importance ratio, Fig. 3c), "vpg" (eq. 13). The reference is the ground truth; the extension
+(csrc/) computes loss, d loss / d new_logp and all stats in one pass and reproduces the
+reference's autograd gradient element by element, including its inf/NaN behaviour.
+"""
+import contextlib
+import hashlib
+import math
+import os
+import types
+import warnings
+from pathlib import Path
+
+import torch
+
+KINDS = ("ppo", "cpg", "is", "vpg")
+BACKENDS = ("auto", "extension", "reference")
+FLOAT_STATS = ("max_log_ratio", "min_log_ratio", "max_log_ratio_effective", "clip_frac", "approx_kl")
+INT_STATS = ("n_nonfinite", "n_overflow")
+_CSRC = Path(__file__).resolve().parent / "csrc"
+
+
+def _check(new_logp, old_logp, advantages, clip_coef, kind):
+    """The one input validation, shared by both backends so they raise identical errors."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if isinstance(clip_coef, bool) or not isinstance(clip_coef, (int, float)) or not 0 < clip_coef < 1:
+        raise ValueError(f"clip_coef must be a float in (0, 1); got {clip_coef!r}")
+    ts = {"new_logp": new_logp, "old_logp": old_logp, "advantages": advantages}
+    for name, t in ts.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    desc = ", ".join(f"{k}={tuple(t.shape)} {t.dtype} {t.device}" for k, t in ts.items())
+    if any(t.dim() != 1 for t in ts.values()) or len({t.shape for t in ts.values()}) != 1:
+        raise ValueError(f"new_logp, old_logp, advantages must be 1-D of equal length; got {desc}")
+    if new_logp.numel() == 0:
+        raise ValueError("new_logp, old_logp, advantages must be non-empty (N >= 1)")
+    if any(t.dtype not in (torch.float32, torch.float64) for t in ts.values()) or len({t.dtype for t in ts.values()}) != 1:
+        raise ValueError(f"new_logp, old_logp, advantages must share one dtype, float32 or float64; got {desc}")
+    if len({t.device for t in ts.values()}) != 1:
+        raise ValueError(f"new_logp, old_logp, advantages must be on one device; got {desc}")
+
+
+def _reference(new_logp, old_logp, advantages, clip_coef, kind):
+    # Training scripts carry an inline copy of this function: keep the two identical.
+    old_logp, adv = old_logp.detach(), advantages.detach()
+    log_ratio = new_logp - old_logp
+    if kind == "ppo":
+        ratio = torch.exp(log_ratio)
+        surr = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef) * adv)
+    elif kind == "cpg":
+        surr = torch.minimum(log_ratio * adv, torch.clamp(log_ratio, math.log(1 - clip_coef), math.log(1 + clip_coef)) * adv)
+    elif kind == "is":
+        surr = torch.exp(log_ratio) * adv
+    else:  # vpg
+        surr = new_logp * adv
+    loss = -surr.mean()
+    with torch.no_grad():
+        lr = log_ratio.detach()
+        ratio = torch.exp(lr)
+        eff = lr  # log of the ratio as the clipped objective uses it
+        if kind in ("ppo", "cpg"):
+            eff = torch.where(adv >= 0, lr.clamp(max=math.log(1 + clip_coef)), lr.clamp(min=math.log(1 - clip_coef)))
+        stats = {
+            "max_log_ratio": lr.max(),
+            "min_log_ratio": lr.min(),
+            "max_log_ratio_effective": eff.max(),
+            "clip_frac": ((lr > math.log1p(clip_coef)) | (lr < math.log1p(-clip_coef))).to(lr.dtype).mean(),
+            "approx_kl": ((ratio - 1) - lr).mean(),
+            "n_nonfinite": (~(new_logp.detach().isfinite() & old_logp.isfinite() & adv.isfinite())).sum(),
+            "n_overflow": (lr.isfinite() & ratio.isinf()).sum(),
+        }
+    return loss, stats
+
+
+def surrogate_reference(new_logp, old_logp, advantages, clip_coef, kind):
+    """Plain PyTorch surrogate: (loss, stats). Gradient flows to new_logp only."""
+    _check(new_logp, old_logp, advantages, clip_coef, kind)
+    return _reference(new_logp, old_logp, advantages, clip_coef, kind)
+
+
+def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
+    """Same result as surrogate_reference, computed by the fused op when `backend` selects it."""
+    _check(new_logp, old_logp, advantages, clip_coef, kind)
+    if _use_extension(backend, new_logp.device):
+        loss, _, fstats, istats = torch.ops.stable_pg.surrogate_fwd(
+            new_logp, old_logp.detach(), advantages.detach(), float(clip_coef), KINDS.index(kind))
+        stats = dict(zip(FLOAT_STATS, fstats.detach().unbind()))
+        stats.update(zip(INT_STATS, istats.unbind()))
+        return loss, stats
+    return _reference(new_logp, old_logp, advantages, clip_coef, kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extension: JIT build once per process, registration of autograd and fake kernels, backend choice.
+
+_state = types.SimpleNamespace(path=None, devices=(), error=None, warned=set())
+
+
+def _requested(backend):
+    if backend == "auto":
+        backend = os.environ.get("FUSED_LOSS_BACKEND", "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"FUSED_LOSS_BACKEND must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
+
+
+def _use_extension(backend, device):
+    backend = _requested(backend)
+    if backend == "reference":
+        return False
+    ok = load_extension(required=backend == "extension")
+    if ok and device.type in _state.devices:
+        return True
+    why = f"no {device.type} kernel was built" if ok else f"extension build failed: {_state.error}"
+    if backend == "extension":
+        raise RuntimeError(f"fused_loss: backend='extension' is unavailable: {why}")
+    if why not in _state.warned:  # one warning per reason, not per call
+        _state.warned.add(why)
+        warnings.warn(f"fused_loss: using the reference surrogate ({why})", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def backend_info():
+    """One line: which backend backend='auto' uses, and why."""
+    backend = _requested("auto")
+    if backend == "reference":
+        return "reference (FUSED_LOSS_BACKEND=reference)"
+    if load_extension():
+        return f"extension ({', '.join(_state.devices)}, built in {_state.path})"
+    if backend == "extension":
+        return f"unavailable (FUSED_LOSS_BACKEND=extension, but the extension build failed: {_state.error})"
+    return f"reference (extension build failed: {_state.error})"
+
+
+def load_extension(required=False):
+    """Build and load the op once per process; True when available. Never raises unless required."""
+    if _state.path is None and _state.error is None:
+        try:
+            _state.path, _state.devices = _build()
+            _register()
+        except Exception as e:  # no compiler, no ninja, compile error, ...
+            lines = str(e).strip().splitlines() or [""]
+            _state.error = f"{type(e).__name__}: {lines[0][:300]}"
+            if required:
+                raise RuntimeError(f"fused_loss: extension build failed: {_state.error}") from e
+    return _state.path is not None
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    cuda = torch.cuda.is_available()  # a CUDA build of torch with a visible GPU
+    sources = [_CSRC / "surrogate.cpp"] + ([_CSRC / "surrogate_cuda.cu"] if cuda else [])
+    omp = ["-fopenmp"] if torch.backends.openmp.is_available() else []  # at::parallel_for is inline OpenMP
+    # Value-safe flags only: no fast-math and no FMA contraction, so every op rounds as eager
+    # PyTorch's does; -fno-trapping-math only drops FP-exception semantics, letting selects vectorise.
+    # The build runs on the machine that uses it, so AVX2 can be enabled whenever torch uses it.
+    cflags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *omp]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        cflags.append("-mavx2")
+    cuda_cflags = ["-O3", "--fmad=false"]
+    # A directory per source/flag/torch hash: edits never reuse stale objects, and builds for
+    # different torch versions do not fight over one directory.
+    h = hashlib.sha256(repr((torch.__version__, cflags, cuda_cflags)).encode())
+    for f in [*sources, _CSRC / "surrogate.h"]:
+        h.update(f.read_bytes())
+    name = f"stable_pg_{h.hexdigest()[:16]}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    build_dir = Path(root) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(build_dir):
+        cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+                           extra_cuda_cflags=cuda_cflags, extra_ldflags=omp, build_directory=str(build_dir),
+                           is_python_module=False, verbose=False)
+    return build_dir, ("cpu", "cuda") if cuda else ("cpu",)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir):
+    # torch's cpp_extension guards a build with a 'lock' file that a killed build never removes;
+    # every later load then waits on it forever. We take an flock first, which the kernel
+    # releases when its holder dies: a 'lock' file found while holding it has no live owner.
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: keep torch's own locking
+        yield
+        return
+    with open(build_dir / "build.flock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"fused_loss: waiting for another process building the extension in {build_dir}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            warnings.warn(f"fused_loss: removing stale build lock {stale} left by an interrupted build")
+            stale.unlink(missing_ok=True)
+        yield
+
+
+def _fake(new_logp, old_logp, adv, clip_coef, kind):
+    return (new_logp.new_empty(()), new_logp.new_empty(new_logp.shape), new_logp.new_empty(len(FLOAT_STATS)),
+            new_logp.new_empty(len(INT_STATS), dtype=torch.int64))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])  # d loss / d new_logp, computed in the forward pass
+
+
+def _backward(ctx, grad_loss, *unused):
+    (grad,) = ctx.saved_tensors
+    return grad_loss * grad, None, None, None, None
+
+
+def _register():
+    if getattr(torch.ops.stable_pg.surrogate_fwd, "_fused_loss_registered", False):
+        return
+    torch.library.register_fake("stable_pg::surrogate_fwd")(_fake)
+    torch.library.register_autograd("stable_pg::surrogate_fwd", _backward, setup_context=_setup_context)
+    torch.ops.stable_pg.surrogate_fwd._fused_loss_registered = True
