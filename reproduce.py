@@ -183,10 +183,11 @@ def popen(cmd, log_path, env, attempt):
 
 
 def interrupt(procs, grace=30.0):
-    """SIGINT makes the scripts save an `interrupted` summary; kill what is still alive after `grace` s."""
+    """SIGTERM makes the scripts save an `interrupted` summary; kill what is still alive after `grace` s.
+    (Not SIGINT: under Ray, and under nohup or `&`, children inherit SIGINT ignored.)"""
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
     deadline = time.time() + grace
     for p in procs:
         try:
@@ -200,7 +201,9 @@ def ray_task(cmd, log_path, env, attempt):
     """The body of one Ray task: the same subprocess as the local backend, on whichever node Ray picks."""
     proc = popen(cmd, log_path, env, attempt)
     try:
-        return proc.wait()
+        while proc.poll() is None:  # not proc.wait(): ray.cancel's KeyboardInterrupt must get through
+            time.sleep(0.5)
+        return proc.returncode
     except BaseException:  # ray.cancel() raises KeyboardInterrupt here: let the script save its summary
         interrupt([proc])
         raise
@@ -237,6 +240,7 @@ class Ray:
         self.ray = ray
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"))  # an existing cluster, or a local one if unset
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # ray.init's own handler would just exit
         if __name__ != "__main__":  # imported (tests): ship the task by value, workers may not find this module
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self.task = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_retries=0)(ray_task)

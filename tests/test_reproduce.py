@@ -330,6 +330,27 @@ def test_ray_backend(stubs, tmp_path, monkeypatch):
         ray.shutdown()
 
 
+def test_ray_backend_interrupted(stubs, tmp_path):
+    """Ctrl-C on `run --backend ray` (its own local Ray: RAY_ADDRESS unset) cancels the tasks, whose
+    children save 'interrupted' summaries."""
+    pytest.importorskip("ray")
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(STUB_PLAN=json.dumps({"Hopper": "sleep"}), STUB_SLEEP="120")
+    p = subprocess.Popen([sys.executable, REPRO, "run", "vpg", "--seeds", "1", "--backend", "ray", "--out", out],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    hop = reproduce.runs_of("vpg", [1])[0]["name"]
+    deadline = time.time() + 60
+    while status(out, "vpg", hop) != "running":
+        assert time.time() < deadline and p.poll() is None, "the Ray task never started"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    log = p.communicate(timeout=60)[0]
+    assert p.returncode == 130, log
+    assert status(out, "vpg", hop) == "interrupted" and "to resume" in log
+
+
 # ------------------------------------------------------------------------------- real, end to end
 
 @pytest.mark.skipif(not HAVE_SCRIPTS, reason="training scripts not present")
