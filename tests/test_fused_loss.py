@@ -1,0 +1,305 @@
+"""fused_loss: the extension against surrogate_reference (loss, autograd gradient, every stat),
+edge cases (clip bounds to the ulp, exp overflow, inf/NaN), determinism, validation, opcheck,
+torch.compile, the auto fallback and the stale build lock.
+
+CI runs this with FUSED_LOSS_BACKEND=extension, so a broken build fails instead of skipping.
+"""
+import math
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_loss as F
+
+EPS = 0.2
+DTYPES = [torch.float32, torch.float64]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+INF, NAN = math.inf, math.nan
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """Builds the extension once per session."""
+    if not F.load_extension():
+        if os.environ.get("FUSED_LOSS_BACKEND") == "extension":
+            pytest.fail(f"extension build failed: {F._state.error}")
+        pytest.skip(f"extension unavailable: {F._state.error}")
+    return F
+
+
+def ext_surrogate(*args):
+    return F.surrogate(*args, backend="extension")
+
+
+def run(fn, new, old, adv, kind, view=None, upstream=1.0):
+    """loss, d loss / d new_logp (through autograd), stats. `view` maps the leaves to the inputs."""
+    leaf = new.detach().clone().requires_grad_()
+    view = view or (lambda t: t)
+    loss, stats = fn(view(leaf), view(old), view(adv), EPS, kind)
+    (loss * upstream).backward()
+    return loss.detach(), leaf.grad, stats
+
+
+def assert_matches(ref, got, device="cpu"):
+    (l0, g0, s0), (l1, g1, s1) = ref, got
+    assert l1.shape == () and l1.dtype == l0.dtype and l1.device == l0.device
+    torch.testing.assert_close(l1, l0, equal_nan=True)
+    torch.testing.assert_close(g1, g0, equal_nan=True)
+    assert list(s1) == list(s0) == [*F.FLOAT_STATS, *F.INT_STATS]
+    for k in F.FLOAT_STATS:
+        assert s1[k].shape == () and s1[k].dtype == l0.dtype and not s1[k].requires_grad, k
+        torch.testing.assert_close(s1[k], s0[k], equal_nan=True, msg=lambda m: f"{k}: {m}")
+    for k in F.INT_STATS:
+        assert s1[k].shape == () and s1[k].dtype == torch.int64, k
+        assert s1[k].item() == s0[k].item(), (k, s1[k].item(), s0[k].item())
+
+
+def around(values, dtype, ulps):
+    """Each value rounded to dtype and its `ulps` neighbours on either side."""
+    out = []
+    for v in values:
+        x = torch.tensor(v, dtype=dtype)
+        up = down = x
+        out.append(x)
+        for _ in range(ulps):
+            up, down = torch.nextafter(up, torch.tensor(INF, dtype=dtype)), torch.nextafter(down, torch.tensor(-INF, dtype=dtype))
+            out += [up, down]
+    return torch.stack(out)
+
+
+ADVS = [1.5, -0.7, 0.0, 1e-3, -3.0]
+
+
+def grid(log_ratios, dtype, advs=ADVS, old=0.0):
+    """Every log-ratio against every advantage; new_logp = old + lr exactly when old = 0."""
+    lr = torch.as_tensor(log_ratios, dtype=dtype).repeat_interleave(len(advs))
+    adv = torch.tensor(advs, dtype=dtype).repeat(len(lr) // len(advs))
+    old_t = torch.full_like(lr, old)
+    return old_t + lr, old_t, adv
+
+
+def edge_case(case, dtype):
+    big = {torch.float32: [88.5, 88.75, 88.8, 100.0], torch.float64: [709.5, 709.8, 710.0, 1000.0]}[dtype]
+    if case == "bounds":  # exactly at log(1 +- eps), log1p(+-eps) and 8 ulps either side: ppo ties and clamp ends
+        lrs = around([math.log(1 + EPS), math.log(1 - EPS), math.log1p(EPS), math.log1p(-EPS)], dtype, 8)
+        return grid(torch.cat([lrs, torch.tensor([0.0, 1e-4, -1e-4, 3.0, -3.0, 20.0, -20.0], dtype=dtype)]), dtype)
+    if case == "overflow":  # exp(log ratio) past the dtype's max, and just under it
+        return grid(big + [-b for b in big] + [0.1, 50.0], dtype, old=-2.5)
+    if case == "nonfinite":  # +-inf and NaN in each input
+        new, old, adv = grid([INF, -INF, NAN, 0.05, 1.0], dtype)
+        old[1::7], adv[2::11] = -INF, NAN
+        adv[3::13] = INF
+        return new, old, adv
+    raise ValueError(case)
+
+
+def random_inputs(n, dtype, device="cpu", seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    old = -1.0 - torch.rand(n, generator=g, dtype=dtype)
+    new = old + scale * torch.randn(n, generator=g, dtype=dtype)
+    adv = torch.randn(n, generator=g, dtype=dtype)
+    adv[::5] = 0.0
+    return new.to(device), old.to(device), adv.to(device)
+
+
+# --- equivalence --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("n", [1, 7, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_matches_reference(ext, kind, dtype, n, strided, device):
+    new, old, adv = random_inputs(2 * n if strided else n, dtype, device, seed=n)
+    view = (lambda t: t[::2]) if strided else None
+    assert_matches(run(F.surrogate_reference, new, old, adv, kind, view), run(ext_surrogate, new, old, adv, kind, view))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["bounds", "overflow", "nonfinite"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_edge_cases_match_reference(ext, kind, dtype, case, device):
+    new, old, adv = (t.to(device) for t in edge_case(case, dtype))
+    ref = run(F.surrogate_reference, new, old, adv, kind)
+    assert_matches(ref, run(ext_surrogate, new, old, adv, kind))
+    if case == "overflow":  # the cases really do overflow, and only the ones they should
+        assert ref[2]["n_overflow"].item() == 3 * len(ADVS)
+        assert math.isinf(ref[2]["approx_kl"].item())
+    if case == "nonfinite":
+        assert ref[2]["n_nonfinite"].item() > 0 and not torch.isfinite(ref[1]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_large_n_matches_reference_and_is_deterministic(ext, kind, dtype, device):
+    new, old, adv = random_inputs(3_000_017, dtype, device, seed=1, scale=1.0)
+    got = run(ext_surrogate, new, old, adv, kind)
+    assert_matches(run(F.surrogate_reference, new, old, adv, kind), got)
+    again = run(ext_surrogate, new, old, adv, kind)
+    assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
+    assert all(torch.equal(got[2][k], again[2][k]) for k in got[2])
+
+
+def test_bit_identical_across_thread_counts(ext):
+    new, old, adv = random_inputs(200_003, torch.float32, scale=2.0)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, max(2, threads)):
+            torch.set_num_threads(t)
+            outs.append(torch.ops.stable_pg.surrogate_fwd(new, old, adv, EPS, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_upstream_gradient_and_constant_inputs(ext, kind):
+    new, old, adv = random_inputs(100, torch.float64, seed=3)
+    grads = []
+    for fn in (F.surrogate_reference, ext_surrogate):
+        x, o, a = (t.clone().requires_grad_() for t in (new, old, adv))
+        (-2.5 * fn(x, o, a, EPS, kind)[0]).backward()
+        assert o.grad is None and a.grad is None  # old_logp and advantages are constants
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_gradcheck_away_from_kinks(ext, kind):
+    g = torch.Generator().manual_seed(4)
+    lr = torch.empty(24, dtype=torch.float64)
+    lr[:12] = 0.1 * torch.rand(12, generator=g, dtype=torch.float64) - 0.05  # inside the clip range
+    lr[12:] = torch.tensor([0.5, -0.5, 1.0, -1.0, 2.0, -2.0] * 2, dtype=torch.float64)  # outside it
+    old = torch.randn(24, generator=g, dtype=torch.float64)
+    adv = torch.randn(24, generator=g, dtype=torch.float64)
+    x = (old + lr).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ext_surrogate(t, old, adv, EPS, kind)[0], (x,))
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+_t = torch.zeros(4)
+BAD = {
+    "2-D": (torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), EPS, "ppo"),
+    "0-D": (torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0), EPS, "ppo"),
+    "length mismatch": (_t, torch.zeros(3), _t, EPS, "ppo"),
+    "empty": (torch.zeros(0), torch.zeros(0), torch.zeros(0), EPS, "cpg"),
+    "int dtype": (torch.zeros(4, dtype=torch.int64),) * 3 + (EPS, "ppo"),
+    "bool dtype": (torch.zeros(4, dtype=torch.bool),) * 3 + (EPS, "ppo"),
+    "float16": (torch.zeros(4, dtype=torch.float16),) * 3 + (EPS, "ppo"),
+    "dtype mismatch": (_t, _t.double(), _t, EPS, "ppo"),
+    "device mismatch": (_t, torch.zeros(4, device="meta"), _t, EPS, "ppo"),
+    "not a tensor": ([0.0] * 4, _t, _t, EPS, "ppo"),
+    "bad kind": (_t, _t, _t, EPS, "trpo"),
+    "clip 0": (_t, _t, _t, 0.0, "ppo"),
+    "clip 1": (_t, _t, _t, 1.0, "ppo"),
+    "clip nan": (_t, _t, _t, NAN, "ppo"),
+    "clip bool": (_t, _t, _t, True, "ppo"),
+    "clip str": (_t, _t, _t, "0.2", "ppo"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_same_error_from_both_backends(ext, case):
+    args = BAD[case]
+    with pytest.raises(ValueError) as ref:
+        F.surrogate_reference(*args)
+    with pytest.raises(ValueError) as got:
+        F.surrogate(*args, backend="extension")
+    assert str(got.value) == str(ref.value) and "\n" not in str(ref.value)
+
+
+def test_bad_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.surrogate(_t, _t, _t, EPS, "ppo", backend="cuda")
+    monkeypatch.setenv("FUSED_LOSS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FUSED_LOSS_BACKEND"):
+        F.surrogate(_t, _t, _t, EPS, "ppo")
+
+
+# --- torch.library / torch.compile ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", F.KINDS)
+def test_opcheck(ext, kind, device):
+    dtype = DTYPES[F.KINDS.index(kind) % 2]
+    new, old, adv = random_inputs(34, dtype, device, seed=5)
+    if kind in ("is", "vpg"):  # also a strided input
+        new, old, adv = new[::2], old[::2], adv[::2]
+    torch.library.opcheck(torch.ops.stable_pg.surrogate_fwd, (new.requires_grad_(), old, adv, EPS, F.KINDS.index(kind)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(ext, device):
+    def f(new, old, adv):
+        loss, stats = F.surrogate(new, old, adv, EPS, "ppo", backend="extension")
+        return loss, stats
+
+    compiled = torch.compile(f, fullgraph=True)
+    new, old, adv = random_inputs(1000, torch.float32, device, seed=6, scale=1.0)
+    l0, g0, s0 = run(lambda *a: f(*a[:3]), new, old, adv, "ppo")
+    l1, g1, s1 = run(lambda *a: compiled(*a[:3]), new, old, adv, "ppo")
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+# --- backend selection ----------------------------------------------------------------------------
+
+
+def test_backend_choice_and_info(ext, monkeypatch):
+    new, old, adv = random_inputs(64, torch.float32)
+    x = new.requires_grad_()
+    monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
+    assert F.backend_info().startswith("extension (cpu")
+    assert F.surrogate(x, old, adv, EPS, "ppo")[0].grad_fn.name() != "NegBackward0"  # the op, not eager
+    assert F.surrogate(x, old, adv, EPS, "ppo", backend="reference")[0].grad_fn.name() == "NegBackward0"
+    monkeypatch.setenv("FUSED_LOSS_BACKEND", "reference")
+    assert F.surrogate(x, old, adv, EPS, "ppo")[0].grad_fn.name() == "NegBackward0"
+    assert F.backend_info() == "reference (FUSED_LOSS_BACKEND=reference)"
+
+
+def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Error checking compiler version for c++\nmore detail")
+
+    monkeypatch.setattr(F, "_build", no_compiler)
+    monkeypatch.setattr(F, "_state", types.SimpleNamespace(path=None, devices=(), error=None, warned=set()))
+    monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
+    new, old, adv = random_inputs(50, torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [F.surrogate(new, old, adv, EPS, kind) for kind in F.KINDS for _ in range(2)]
+    msgs = [str(w.message) for w in caught if str(w.message).startswith("fused_loss")]
+    assert len(msgs) == 1 and "Error checking compiler version" in msgs[0], msgs
+    for (loss, stats), kind in zip(results[::2], F.KINDS):
+        ref_loss, ref_stats = F.surrogate_reference(new, old, adv, EPS, kind)
+        assert torch.equal(loss, ref_loss) and all(torch.equal(stats[k], ref_stats[k]) for k in stats)
+    assert F.backend_info() == "reference (extension build failed: RuntimeError: Error checking compiler version for c++)"
+    with pytest.raises(RuntimeError, match="backend='extension' is unavailable.*compiler"):
+        F.surrogate(new, old, adv, EPS, "ppo", backend="extension")
+    monkeypatch.setenv("FUSED_LOSS_BACKEND", "extension")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        F.surrogate(new, old, adv, EPS, "ppo")
+
+
+def test_stale_build_lock_is_removed(ext):
+    # A build killed mid-way leaves torch's 'lock' file behind; a fresh process must not wait on it.
+    lock = Path(F._state.path) / "lock"
+    lock.write_text("")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = "import fused_loss as F; F.load_extension(required=True); print(F.backend_info())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "removing stale build lock" in proc.stderr and proc.stdout.startswith("extension (")
+    assert not lock.exists()
