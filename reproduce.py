@@ -15,7 +15,6 @@ import argparse
 import fcntl
 import itertools
 import json
-import math
 import os
 import shlex
 import signal
@@ -41,40 +40,51 @@ def grid(algos, envs, axes=None):
             for algo in algos for env in envs for values in itertools.product(*axes.values())]
 
 
+HOPPER, WALKER, HUMANOID = ["Hopper-v4"], ["Walker2d-v4"], ["Humanoid-v4"]
 EXPERIMENTS = {
-    "mean-transform": dict(paper="Table 1", cells=grid(["ppo"], ENVS, {"mean-transform": ["clip", "tanh", "none"]}),
+    "mean-transform": dict(
+        paper="Table 1", cells=grid(["ppo"], ENVS, {"mean-transform": ["clip", "tanh", "none"]}),
         what="PPO with the Gaussian mean mapped into the action box by clipping or tanh (scaled to the box: "
              "0.4 tanh on Humanoid) or left free. Keeping the mean inside the box should prevent the explosions."),
-    "vpg": dict(paper="Table 2", cells=grid(["vpg"], ENVS),
+    "vpg": dict(
+        paper="Table 2", cells=grid(["vpg"], ENVS),
         what="Vanilla policy gradient (log-prob times advantage, no importance ratio) with the large policies: "
              "poor returns, but it should never explode."),
-    "reward-scale": dict(paper="Table 6", cells=grid(["ppo"], ["Hopper-v4"], {"reward-scale": [1.0, 0.1, 0.01, 0.001]}),
+    "reward-scale": dict(
+        paper="Table 6", cells=grid(["ppo"], HOPPER, {"reward-scale": [1.0, 0.1, 0.01, 0.001]}),
         what="PPO on Hopper-v4 with the rewards scaled before learning: the explosion rate does not fall "
              "monotonically with the scale, so large rewards are not the root cause."),
-    "constraints": dict(paper="Fig. 3", cells=grid(["ppo"], ["Humanoid-v4"],
-                                                   {"mean-shift": [100.0], "objective": ["clip", "kl-penalty", "none"]}),
+    "constraints": dict(
+        paper="Fig. 3", cells=grid(["ppo"], HUMANOID, {"mean-shift": [100.0],
+                                                       "objective": ["clip", "kl-penalty", "none"]}),
         what="PPO on Humanoid-v4 with the mean shifted out of the box by c = 100 (Appendix A.2) under ratio "
              "clipping, the KL penalty (Eq. 12) and no constraint: log10 KL stays small while the max log10 "
              "ratio grows; without any constraint it explodes within a few updates."),
-    "small-nets": dict(paper="Fig. 4", cells=grid(["ppo", "cpg"], ENVS, {"policy-hidden": [[64, 64]]}),
+    "small-nets": dict(
+        paper="Fig. 4", cells=grid(["ppo", "cpg"], ENVS, {"policy-hidden": [[64, 64]]}),
         what="PPO vs CPG (clipped log-ratio objective, Eq. 15) with [64, 64] policies, where nothing should "
              "explode: the two should reach comparable returns."),
-    "large-nets": dict(paper="Fig. 2, 5, 6", cells=grid(["ppo", "cpg"], ENVS),
+    "large-nets": dict(
+        paper="Fig. 2, 5, 6", cells=grid(["ppo", "cpg"], ENVS),
         what="PPO vs CPG with the paper's large policies: PPO explodes with huge max log10 ratios (Fig. 2) "
              "before the std gets small (Fig. 6); CPG keeps learning (Fig. 5)."),
-    "learning-rate": dict(paper="Fig. 7a", cells=grid(["ppo"], ["Walker2d-v4"], {"learning-rate": [1e-4, 3e-5, 1e-5]}),
+    "learning-rate": dict(
+        paper="Fig. 7a", cells=grid(["ppo"], WALKER, {"learning-rate": [1e-4, 3e-5, 1e-5]}),
         what="PPO on Walker2d-v4 at learning rates 1e-4 (the paper's default), 3e-5 and 1e-5 (the paper does "
              "not give its values; these are ours): returns fall as the learning rate falls."),
-    "optimizer-width": dict(paper="Fig. 7b,c", cells=grid(["ppo"], ["Hopper-v4"],
-                                                        {"optimizer": ["adam", "sgd"], "policy-hidden": [[64], [256], [1024]]}),
+    "optimizer-width": dict(
+        paper="Fig. 7b,c", cells=grid(["ppo"], HOPPER, {"optimizer": ["adam", "sgd"],
+                                                       "policy-hidden": [[64], [256], [1024]]}),
         what="PPO on Hopper-v4, Adam vs SGD (both at the default learning rate 1e-4; the paper gives no SGD rate) "
              "with one hidden layer of width 64, 256 or 1024: the distance of the mean network's outputs from "
              "initialisation (stability/policy_l2_from_init) grows faster with width under Adam."),
-    "shifted-mean": dict(paper="Appendix A.2, Fig. 8c", cells=grid(["ppo", "cpg", "vpg"], ["Humanoid-v4"], {"mean-shift": [100.0]}),
+    "shifted-mean": dict(
+        paper="Appendix A.2, Fig. 8c", cells=grid(["ppo", "cpg", "vpg"], HUMANOID, {"mean-shift": [100.0]}),
         tags=STABILITY + ["stability/mean_abs_advantage"],
         what="Humanoid-v4 with the mean shifted out of the box by c = 100: the mean |advantage| stays around 1 "
              "while the max log10 ratio grows (Fig. 8c). Which algorithms explode, and when."),
-    "logprob-at": dict(paper="ours", cells=grid(["ppo", "cpg"], ["Hopper-v4"], {"logprob-at": ["clipped", "raw"]}),
+    "logprob-at": dict(
+        paper="ours", cells=grid(["ppo", "cpg"], HOPPER, {"logprob-at": ["clipped", "raw"]}),
         what="PPO and CPG on Hopper-v4 [1024] storing the log-prob of the clipped action (paper) or of the raw "
              "sample (CleanRL, SB3): does storing the raw sample alone remove the explosions?"),
 }
@@ -82,9 +92,12 @@ EXPERIMENTS = {
 # The paper's numbers: experiment -> [(cell values to match, (final return, max return, explosion rate))]
 PAPER = {
     "mean-transform": [({"env": e, "mean-transform": t}, (f, None, r)) for e, t, f, r in [
-        ("Hopper-v4", "clip", "332 ± 129", "0%"), ("Hopper-v4", "tanh", "234 ± 106", "0%"), ("Hopper-v4", "none", "N/A", "100%"),
-        ("Walker2d-v4", "clip", "692 ± 346", "0%"), ("Walker2d-v4", "tanh", "434 ± 60", "0%"), ("Walker2d-v4", "none", "N/A", "100%"),
-        ("Humanoid-v4", "clip", "586 ± 102", "0%"), ("Humanoid-v4", "tanh", "530 ± 72", "0%"), ("Humanoid-v4", "none", "N/A", "100%")]],
+        ("Hopper-v4", "clip", "332 ± 129", "0%"), ("Hopper-v4", "tanh", "234 ± 106", "0%"),
+        ("Hopper-v4", "none", "N/A", "100%"),
+        ("Walker2d-v4", "clip", "692 ± 346", "0%"), ("Walker2d-v4", "tanh", "434 ± 60", "0%"),
+        ("Walker2d-v4", "none", "N/A", "100%"),
+        ("Humanoid-v4", "clip", "586 ± 102", "0%"), ("Humanoid-v4", "tanh", "530 ± 72", "0%"),
+        ("Humanoid-v4", "none", "N/A", "100%")]],
     "vpg": [({"env": e}, (f, None, "0%")) for e, f in
             [("Hopper-v4", "536 ± 254"), ("Walker2d-v4", "195 ± 135"), ("Humanoid-v4", "355 ± 191")]],
     "reward-scale": [({"reward-scale": s}, (f, m, r)) for s, f, m, r in [
@@ -236,7 +249,7 @@ class Ray:
         try:
             import ray
         except ImportError:
-            die("--backend ray needs Ray: pip install 'ray[default]'")
+            die("--backend ray needs Ray: pip install ray (the project's 'cluster' extra)")
         self.ray = ray
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"))  # an existing cluster, or a local one if unset
@@ -421,7 +434,7 @@ def resolve(exp, opts):
             die("--seeds N needs N >= 1")
         seeds = list(range(1, opts.seeds[0] + 1)) if len(opts.seeds) == 1 else list(opts.seeds)
     else:
-        seeds = last.get("seeds") or list(range(1, EXPERIMENTS[exp].get("seeds", SEEDS) + 1))
+        seeds = last.get("seeds") or list(range(1, SEEDS + 1))
     return seeds, opts.total_timesteps or last.get("total_timesteps") or STEPS
 
 
@@ -448,28 +461,29 @@ def cmd_report(exp, opts):
 
     lines = [f"# {exp}: {spec['paper']}", "", spec["what"], "",
              f"**Budget**: {steps:,} environment steps per run, seeds {seed_list(seeds)} ({len(seeds)} per group), "
-             f"{len(runs)} runs: {total['completed']} completed, {total['exploded']} exploded, {total['failed']} failed, "
-             f"{total['missing']} missing. Paper: 1,000,000 steps, 5 seeds. Other hyperparameters: the scripts' "
-             f"defaults (paper Tables 3, 4){'; ' + ', '.join(fixed) if fixed else ''}.", "",
+             f"{len(runs)} runs: {total['completed']} completed, {total['exploded']} exploded, "
+             f"{total['failed']} failed, {total['missing']} missing. Paper: 1,000,000 steps, 5 seeds. "
+             f"Other hyperparameters: the scripts' defaults (paper Tables 3, 4)"
+             f"{'; ' + ', '.join(fixed) if fixed else ''}.", "",
              f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{exp_dir}`.", ""]
-    header = ["algo", "env"] + varying + ["final return"] + (["paper"] if 0 in has else []) + ["max return"] + \
-        (["paper"] if 1 in has else []) + ["explosion rate"] + (["paper"] if 2 in has else []) + \
-        ["IQM final [95% CI]", "explosion step (median)", "max log10 ratio (median)", "runs C/E/F/M"]
+    header = ["algo", "env", *varying]
+    for i, name in enumerate(["final return", "max return", "explosion rate"]):
+        header += [name] + (["paper"] if i in has else [])  # the paper's number beside ours, where it has one
+    header += ["IQM final [95% CI]", "explosion step (median)", "max log10 ratio (median)", "runs C/E/F/M"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group, members in groups.items():
+    for members in groups.values():
         r0 = members[0]
         cell = {"algo": r0["algo"], "env": r0["env"], **{k: fmt(v) for k, v in r0["flags"].items()}}
         st = group_stats([(r["outcome"], r["summary"]) for r in members])
         paper = paper_numbers(exp, cell) or (None, None, None)
         c = st["count"]
-        row = [cell["algo"], cell["env"]] + [cell[k] for k in varying] + [pm(st["final"])]
-        row += [paper[0] or "—"] if 0 in has else []
-        row += [pm(st["max"])] + ([paper[1] or "—"] if 1 in has else [])
-        row += ["N/A" if st["rate"] is None else f"{100 * st['rate']:.0f}% ({c['exploded']}/{c['completed'] + c['exploded']})"]
-        row += [paper[2] or "—"] if 2 in has else []
+        rate = "N/A" if st["rate"] is None else \
+            f"{100 * st['rate']:.0f}% ({c['exploded']}/{c['completed'] + c['exploded']})"
+        row = [cell["algo"], cell["env"]] + [cell[k] for k in varying]
+        for i, ours in enumerate([pm(st["final"]), pm(st["max"]), rate]):
+            row += [ours] + ([paper[i] or "—"] if i in has else [])
         row += ["N/A" if st["iqm"] is None else "{:.1f} [{:.1f}, {:.1f}]".format(*st["iqm"]),
-                "—" if st["explosion_step"] is None else f"{st['explosion_step']:,.0f}",
-                "—" if st["max_log10_ratio"] is None else f"{st['max_log10_ratio']:.3g}",
+                num(st["explosion_step"], "{:,.0f}"), num(st["max_log10_ratio"], "{:.3g}"),
                 f"{c['completed']}/{c['exploded']}/{c['failed']}/{c['missing']}"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "**Definitions.** Final return: mean of a run's last 10 episodes (raw environment return), "
@@ -485,7 +499,8 @@ def cmd_report(exp, opts):
     figures, why = plot(exp, runs, exp_dir, spec.get("tags", STABILITY))
     lines += ["## Figures", ""]
     lines += [f"![{f}]({f})" for f in figures] if figures else [f"Figures skipped: {why}."]
-    lines += ["", "## Runs", "", "| run | status | steps | final return | max return | explosion step | max log10 ratio |",
+    lines += ["", "## Runs", "",
+              "| run | status | steps | final return | max return | explosion step | max log10 ratio |",
               "|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
@@ -539,7 +554,7 @@ def plot(exp, runs, exp_dir, tags):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], "matplotlib is not installed (pip install matplotlib)"
+        return [], "matplotlib is not installed (pip install matplotlib, the 'plot' extra)"
     try:
         data = {r["name"]: scalars(os.path.join(exp_dir, r["name"]), ["charts/episodic_return"] + tags)
                 for r in runs if os.path.isdir(os.path.join(exp_dir, r["name"]))}

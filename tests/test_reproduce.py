@@ -36,9 +36,19 @@ def stubs(tmp_path, monkeypatch):
     return d
 
 
+def read(*parts):
+    with open(os.path.join(*parts)) as f:
+        return f.read()
+
+
+def default_sigint():
+    """In the child: Ctrl-C semantics even when the tests run in the background (SIGINT inherited ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def calls(out, exp, name):
     path = os.path.join(out, exp, name, "calls.txt")
-    return len(open(path).readlines()) if os.path.exists(path) else 0
+    return len(read(path).splitlines()) if os.path.exists(path) else 0
 
 
 def status(out, exp, name):
@@ -104,7 +114,8 @@ def test_grid_contents():
     assert values("optimizer-width", "optimizer") == {("adam",), ("sgd",)}
     assert values("optimizer-width", "policy-hidden") == {("64",), ("256",), ("1024",)}
     assert values("logprob-at", "logprob-at") == {("clipped",), ("raw",)}
-    assert reproduce.runs_of("vpg", [1, 2], only=["Walker2d", "s2"])[0]["name"] == "vpg__Walker2d-v4__policy-hidden=1024-1024__s2"
+    assert [r["name"] for r in reproduce.runs_of("vpg", [1, 2], only=["Walker2d", "s2"])] == \
+        ["vpg__Walker2d-v4__policy-hidden=1024-1024__s2"]
 
 
 @pytest.mark.skipif(not HAVE_SCRIPTS, reason="training scripts not present")
@@ -157,7 +168,8 @@ def test_resume_after_kill(stubs, tmp_path, sig):
     fast, slow, later = names[:2], names[2:4], names[4:]  # grid order: scale 1, 0.1, 0.01, 0.001
     env = {**os.environ, "STUB_PLAN": json.dumps({"reward-scale=0.1__": "sleep"}), "STUB_SLEEP": "60"}
     cmd = [sys.executable, REPRO, "run", exp, "--seeds", "2", "--workers", "2", "--out", out]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=default_sigint)
     deadline = time.time() + 30
     while not all(status(out, exp, n) == "running" for n in slow):
         assert time.time() < deadline and p.poll() is None, "the slow runs never started"
@@ -167,7 +179,7 @@ def test_resume_after_kill(stubs, tmp_path, sig):
     assert p.returncode == 130, log
     assert "[1/8] completed" in log and "[2/8] completed" in log and "to resume" in log
     assert [status(out, exp, n) for n in fast + slow] == ["completed"] * 2 + ["interrupted"] * 2
-    pids = [int(open(os.path.join(out, exp, n, "calls.txt")).read().split()[0]) for n in slow]
+    pids = [int(read(out, exp, n, "calls.txt").split()[0]) for n in slow]
     for pid in pids:  # the children were stopped, not orphaned
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -178,7 +190,7 @@ def test_resume_after_kill(stubs, tmp_path, sig):
     assert "2 already done, 6 to run" in done.stdout and "[8/8]" in done.stdout and "ETA" in done.stdout
     assert [calls(out, exp, n) for n in names] == [1, 1, 2, 2, 1, 1, 1, 1]
     assert all(status(out, exp, n) == "completed" for n in names)
-    log = open(os.path.join(out, exp, slow[0], "train.log")).read()  # both attempts' output, appended
+    log = read(out, exp, slow[0], "train.log")  # both attempts' output, appended
     assert log.count("attempt 1:") == 2 and "stub sleep call 1" in log and "stub complete call 2" in log
     assert "stub stderr line" in log
 
@@ -194,12 +206,13 @@ def test_retry_once_then_failed_and_reported(stubs, tmp_path, monkeypatch, capsy
     assert f"FAILED    {hop}" in text and f"FAILED    {hum}" in text and f"completed {walk}" in text
     assert [reproduce.outcome(os.path.join(out, "vpg", n))[0] for n in (hop, walk, hum)] == \
         ["failed", "completed", "failed"]
-    marker = json.load(open(os.path.join(out, "vpg", hum, "reproduce_failed.json")))
+    marker = json.loads(read(out, "vpg", hum, "reproduce_failed.json"))
     assert marker["attempts"] == 2 and marker["exit_code"] == 1 and marker["status"] == "running"
 
     reproduce.main(["report", "vpg", "--out", out])  # budget and seeds from the last run
-    report = open(os.path.join(out, "vpg", "report.md")).read()
-    assert "3,000 environment steps per run, seeds 1 (1 per group), 3 runs: 1 completed, 0 exploded, 2 failed" in report
+    report = read(out, "vpg", "report.md")
+    assert "3,000 environment steps per run, seeds 1 (1 per group), 3 runs: 1 completed, 0 exploded, 2 failed" \
+        in report
     assert report.count("| 0/0/1/0 |") == 2 and "| 1/0/0/0 |" in report and report.count("**FAILED**") == 2
 
     monkeypatch.setenv("STUB_PLAN", "{}")  # a later run retries the failed ones, never the finished one
@@ -277,14 +290,17 @@ def test_report_numbers_and_figures(tmp_path):
     assert np.allclose(got["charts/episodic_return"][0], [1000, 2000, 3000, 4000, 5000])
     assert np.allclose(got["charts/episodic_return"][1], [11, 21, 31, 41, 51])
 
-    rows = lambda scale: [reproduce.outcome(os.path.join(out, exp, runs[scale, s])) for s in range(1, 6)]  # noqa
+    def rows(scale):
+        return [reproduce.outcome(os.path.join(out, exp, runs[scale, s])) for s in range(1, 6)]
+
     st = reproduce.group_stats(rows(0.1))
     assert st["count"] == {"completed": 4, "exploded": 1, "failed": 0, "missing": 0}
     assert np.allclose(st["final"], (250, np.std([100, 200, 300, 400]))) and st["rate"] == 0.2
     assert np.allclose(st["max"], (np.mean([110, 210, 310, 410, 60]), np.std([110, 210, 310, 410, 60])))
     assert st["iqm"] == reproduce.iqm_ci([100, 200, 300, 400]) and st["explosion_step"] == 7000
     st = reproduce.group_stats(rows(1.0))
-    assert st["final"] is None and st["rate"] == 1.0 and np.allclose(st["max"], (1000, np.std([1000, 1100, 900, 1200, 800])))
+    assert st["final"] is None and st["rate"] == 1.0
+    assert np.allclose(st["max"], (1000, np.std([1000, 1100, 900, 1200, 800])))
     assert st["explosion_step"] == 3000 and st["max_log10_ratio"] == 38.0
     st = reproduce.group_stats(rows(0.01))
     assert st["count"] == {"completed": 3, "exploded": 0, "failed": 1, "missing": 1} and st["rate"] == 0.0
@@ -292,9 +308,13 @@ def test_report_numbers_and_figures(tmp_path):
     assert reproduce.group_stats(rows(0.001))["count"]["missing"] == 5
 
     assert reproduce.main(["report", exp, "--out", out, "--seeds", "5", "--total-timesteps", "5000"]) == 0
-    report = open(os.path.join(out, exp, "report.md")).read()
-    assert "5,000 environment steps per run, seeds 1-5 (5 per group), 20 runs: 7 completed, 6 exploded, 1 failed, 6 missing" in report
-    line = lambda scale: next(x for x in report.splitlines() if f"| ppo | Hopper-v4 | {scale} |" in x)  # noqa
+    report = read(out, exp, "report.md")
+    assert "5,000 environment steps per run, seeds 1-5 (5 per group), 20 runs: 7 completed, 6 exploded, " \
+        "1 failed, 6 missing" in report
+
+    def line(scale):
+        return next(x for x in report.splitlines() if f"| ppo | Hopper-v4 | {scale} |" in x)
+
     assert line("1") == ("| ppo | Hopper-v4 | 1 | N/A | N/A | 1000.0 ± 141.4 | 1057 ± 593 | 100% (5/5) | 100% | N/A "
                          "| 3,000 | 38 | 0/5/0/0 |")
     assert line("0.1").startswith("| ppo | Hopper-v4 | 0.1 | 250.0 ± 111.8 | 2792 ± 792 | 220.0 ± 128.1 | 2897 ± 759 "
@@ -339,7 +359,7 @@ def test_ray_backend_interrupted(stubs, tmp_path):
     env.update(STUB_PLAN=json.dumps({"Hopper": "sleep"}), STUB_SLEEP="120")
     p = subprocess.Popen([sys.executable, REPRO, "run", "vpg", "--seeds", "1", "--backend", "ray", "--out", out],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         preexec_fn=default_sigint)
     hop = reproduce.runs_of("vpg", [1])[0]["name"]
     deadline = time.time() + 60
     while status(out, "vpg", hop) != "running":
@@ -369,7 +389,7 @@ def test_end_to_end_shifted_mean(tmp_path):
     rep = subprocess.run([sys.executable, REPRO, "report", "shifted-mean", "--out", out],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
-    report = open(os.path.join(out, "shifted-mean", "report.md")).read()
+    report = read(out, "shifted-mean", "report.md")
     assert "2,000 environment steps per run" in report and "| 0/1/0/0 |" in report
     assert report.count("| 1/0/0/0 |") == 2
     if importlib.util.find_spec("matplotlib"):
