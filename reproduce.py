@@ -562,7 +562,7 @@ def plot(exp, runs, exp_dir, tags):
         return [], "tensorboard is not installed"
     if not any(data.values()):
         return [], "no TensorBoard logs yet"
-    envs = list(dict.fromkeys(r["env"] for r in runs))
+    envs = list(dict.fromkeys(r["env"] for r in runs if data.get(r["name"])))  # panels with data only
     # a line's label: its algo and the flags that vary between the lines of one panel (one env)
     keys = {k for e in envs for k in dict.fromkeys(k for r in runs for k in r["flags"])
             if len({fmt(r["flags"].get(k)) for r in runs if r["env"] == e}) > 1}
@@ -586,7 +586,8 @@ def plot(exp, runs, exp_dir, tags):
             ax.plot(xs, mean, color=col, label=f"{label[group]} (n={len(series)})")
             ax.fill_between(xs, lo, hi, color=col, alpha=0.2)
         ax.set(title=env, xlabel="environment steps", ylabel="episodic return (10-episode mean)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(exp_dir, "learning_curves.png"), dpi=100)
     plt.close(fig)
@@ -613,7 +614,8 @@ def plot(exp, runs, exp_dir, tags):
             axes[i, j].set(title=f"{env}: {tag.split('/')[-1]}", xscale="log", xlabel="environment steps")
             if tag.endswith(("mean_abs_advantage", "policy_l2_from_init")):
                 axes[i, j].set_yscale("log")
-        axes[0, j].legend(fontsize=7)
+        if axes[0, j].get_legend_handles_labels()[0]:
+            axes[0, j].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(exp_dir, "stability.png"), dpi=100)
     plt.close(fig)
