@@ -493,7 +493,8 @@ def cmd_report(exp, opts):
               "runs / finished runs, the paper's 'fails to complete training'. IQM: interquartile mean of the "
               "final returns of completed runs, 95% percentile-bootstrap CI over runs (10,000 resamples, seed 0). "
               "Explosion step: global step at which a run exploded. Max log10 ratio: largest log10 probability "
-              "ratio a run's objective used (after its clipping), median over finished runs. Runs C/E/F/M: "
+              "ratio a run's objective used (after its clipping), median over finished runs that recorded a finite "
+              "value (a summary holds null once the ratio overflowed to inf). Runs C/E/F/M: "
               "completed / exploded / failed (status error, or failed twice under reproduce.py) / missing "
               "(not started, interrupted or still running).", ""]
     figures, why = plot(exp, runs, exp_dir, spec.get("tags", STABILITY))
