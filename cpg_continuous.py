@@ -307,25 +307,28 @@ def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode
     Returns the flattened batch, the rollout as [num_steps, num_envs] arrays (rewards, values,
     next_values, terminations, episode_ends, advantages, returns), the last observation and the step."""
     num_steps, num_envs = args.num_steps, args.num_envs
-    obs = torch.zeros((num_steps, num_envs, *envs.single_observation_space.shape), device=device)
-    actions = torch.zeros((num_steps, num_envs, *envs.single_action_space.shape), device=device)
-    old_means = torch.zeros_like(actions)
+    # numpy buffers and numpy sampling: per step, torch only runs the mean network (tiny tensor ops
+    # cost more in dispatch than in arithmetic)
+    obs = np.zeros((num_steps, num_envs, *envs.single_observation_space.shape), dtype=np.float32)
+    actions = np.zeros((num_steps, num_envs, *envs.single_action_space.shape), dtype=np.float32)
+    old_means = np.zeros_like(actions)
     rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
     terminations = np.zeros((num_steps, num_envs), dtype=np.float32)
     episode_ends = np.zeros((num_steps, num_envs), dtype=np.float32)
     truncated_final_obs = []
     with torch.inference_mode():
         std = agent.std()
-        noise = torch.randn(actions.shape, device=device)
+        scaled_noise = (std * torch.randn(actions.shape, device=device)).cpu().numpy()
+        action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
         for step in range(num_steps):
             global_step += num_envs
-            obs[step] = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-            mean = agent.mean(obs[step])
-            sample = mean + std * noise[step]
-            clipped = sample.clamp(agent.action_low, agent.action_high)
+            obs[step] = next_obs
+            mean = agent.mean(torch.as_tensor(obs[step], device=device)).cpu().numpy()
+            sample = mean + scaled_noise[step]
+            clipped = np.clip(sample, action_low, action_high)
             old_means[step] = mean
             actions[step] = clipped if args.logprob_at == "clipped" else sample
-            next_obs, reward, terminated, truncated, infos = envs.step(clipped.cpu().numpy())
+            next_obs, reward, terminated, truncated, infos = envs.step(clipped)
             if not (np.isfinite(next_obs).all() and np.isfinite(reward).all()):
                 raise EnvNonFinite(f"{args.env_id} returned a non-finite observation or reward "
                                    f"at global step {global_step}; this is not an explosion of the algorithm")
@@ -343,6 +346,7 @@ def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode
                     episode = infos["final_info"]["episode"]
                     on_episode(global_step, float(episode["r"][env_idx]), int(episode["l"][env_idx]))
 
+        obs, actions, old_means = (torch.as_tensor(x, device=device) for x in (obs, actions, old_means))
         values = agent.get_value(obs).cpu().numpy()
         next_values = np.empty_like(values)
         next_values[:-1] = values[1:]
@@ -383,7 +387,9 @@ def minibatch_loss(agent, mb, args, surrogate_fn):
     # the policy's std is state-independent, so its entropy is the same for every state
     entropy = std.log().sum() + 0.5 * len(std) * (1 + LOG_2PI)
     v_loss = 0.5 * ((agent.get_value(mb["obs"]) - mb["returns"]) ** 2).mean()
-    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+    loss = pg_loss + args.vf_coef * v_loss
+    if args.ent_coef:
+        loss = loss - args.ent_coef * entropy
     return loss, pg_loss, v_loss, entropy, stats
 
 
@@ -500,31 +506,32 @@ if __name__ == "__main__":
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
         "global_step": 0, "total_timesteps": num_iterations * batch_size, "exploded": False,
         "explosion_step": None, "explosion_reason": None, "nonfinite_updates": 0, "episodes": 0,
-        "final_return": None, "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "sps": 0.0,
+        "final_return": None, "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0, "sps": 0.0,
         "versions": versions(),
     }
     summary_path = os.path.join(run_dir, "summary.json")
-    episode_returns = []
+    episode_returns, moving_returns = [], []  # moving: mean of the last 10 episodes
     global_step = 0
     nonfinite_updates = 0
     max_log10_ratio = -math.inf
-    start_time = time.time()
+    start_time, start_cpu_time = time.time(), time.process_time()
     exit_code = 0
 
     def on_episode(step, episode_return, episode_length):
         episode_returns.append(episode_return)
+        moving_returns.append(float(np.mean(episode_returns[-10:])))
         writer.add_scalar("charts/episodic_return", episode_return, step)
         writer.add_scalar("charts/episodic_length", episode_length, step)
 
     def write_summary(status, **fields):
         recent = episode_returns[-10:]
-        moving = [np.mean(episode_returns[max(0, i - 9): i + 1]) for i in range(len(episode_returns))]
         summary.update(
             status=status, global_step=global_step, nonfinite_updates=nonfinite_updates,
             episodes=len(episode_returns), final_return=float(np.mean(recent)) if recent else None,
-            max_return=float(max(moving)) if moving else None,
+            max_return=max(moving_returns) if moving_returns else None,
             max_log10_ratio=finite_or_none(max_log10_ratio) if max_log10_ratio > -math.inf else None,
-            wall_time_s=time.time() - start_time, sps=global_step / max(time.time() - start_time, 1e-9), **fields,
+            wall_time_s=time.time() - start_time, cpu_time_s=time.process_time() - start_cpu_time,
+            sps=global_step / max(time.time() - start_time, 1e-9), **fields,
         )
         write_json_atomically(summary_path, summary)
 

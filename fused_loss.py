@@ -36,15 +36,19 @@ def _check(new_logp, old_logp, advantages, clip_coef, kind):
     for name, t in ts.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    desc = ", ".join(f"{k}={tuple(t.shape)} {t.dtype} {t.device}" for k, t in ts.items())
-    if any(t.dim() != 1 for t in ts.values()) or len({t.shape for t in ts.values()}) != 1:
-        raise ValueError(f"new_logp, old_logp, advantages must be 1-D of equal length; got {desc}")
-    if new_logp.numel() == 0:
-        raise ValueError("new_logp, old_logp, advantages must be non-empty (N >= 1)")
-    if any(t.dtype not in (torch.float32, torch.float64) for t in ts.values()) or len({t.dtype for t in ts.values()}) != 1:
-        raise ValueError(f"new_logp, old_logp, advantages must share one dtype, float32 or float64; got {desc}")
-    if len({t.device for t in ts.values()}) != 1:
-        raise ValueError(f"new_logp, old_logp, advantages must be on one device; got {desc}")
+    shape, dtype, device = new_logp.shape, new_logp.dtype, new_logp.device
+    what = None
+    if len(shape) != 1 or old_logp.shape != shape or advantages.shape != shape:
+        what = "1-D of equal length"
+    elif shape[0] == 0:
+        what = "non-empty (N >= 1)"
+    elif dtype not in (torch.float32, torch.float64) or old_logp.dtype != dtype or advantages.dtype != dtype:
+        what = "of one dtype, float32 or float64"
+    elif old_logp.device != device or advantages.device != device:
+        what = "on one device"
+    if what:
+        got = ", ".join(f"{k}={tuple(t.shape)} {t.dtype} {t.device}" for k, t in ts.items())
+        raise ValueError(f"new_logp, old_logp, advantages must be {what}; got {got}")
 
 
 def _reference(new_logp, old_logp, advantages, clip_coef, kind):
@@ -91,14 +95,14 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
     if _use_extension(backend, new_logp.device):
         loss, _, fstats, istats = torch.ops.stable_pg.surrogate_fwd(
             new_logp, old_logp.detach(), advantages.detach(), float(clip_coef), KINDS.index(kind))
-        stats = dict(zip(FLOAT_STATS, fstats.detach().unbind()))
+        stats = dict(zip(FLOAT_STATS, fstats.unbind()))
         stats.update(zip(INT_STATS, istats.unbind()))
         return loss, stats
     return _reference(new_logp, old_logp, advantages, clip_coef, kind)
 
 
 # ---------------------------------------------------------------------------------------------
-# Extension: JIT build once per process, registration of autograd and fake kernels, backend choice.
+# Extension: JIT build once per process, fake-kernel registration, backend choice.
 
 _state = types.SimpleNamespace(path=None, devices=(), error=None, warned=set())
 
@@ -117,7 +121,7 @@ def _use_extension(backend, device):
     backend = _requested(backend)
     if backend == "reference":
         return False
-    ok = load_extension(required=backend == "extension")
+    ok = load_extension()
     if ok and device.type in _state.devices:
         return True
     why = f"no {device.type} kernel was built" if ok else f"extension build failed: {_state.error}"
@@ -149,9 +153,10 @@ def load_extension(required=False):
             _register()
         except Exception as e:  # no compiler, no ninja, compile error, ...
             lines = str(e).strip().splitlines() or [""]
-            _state.error = f"{type(e).__name__}: {lines[0][:300]}"
-            if required:
-                raise RuntimeError(f"fused_loss: extension build failed: {_state.error}") from e
+            first_error = next((l.strip() for l in lines[1:] if "error" in l.lower()), "")
+            _state.error = f"{type(e).__name__}: {lines[0][:200]}" + (f" ... {first_error[:200]}" if first_error else "")
+    if required and _state.path is None:
+        raise RuntimeError(f"fused_loss: extension build failed: {_state.error}")
     return _state.path is not None
 
 
@@ -212,18 +217,8 @@ def _fake(new_logp, old_logp, adv, clip_coef, kind):
             new_logp.new_empty(len(INT_STATS), dtype=torch.int64))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])  # d loss / d new_logp, computed in the forward pass
-
-
-def _backward(ctx, grad_loss, *unused):
-    (grad,) = ctx.saved_tensors
-    return grad_loss * grad, None, None, None, None
-
-
 def _register():
-    if getattr(torch.ops.stable_pg.surrogate_fwd, "_fused_loss_registered", False):
-        return
-    torch.library.register_fake("stable_pg::surrogate_fwd")(_fake)
-    torch.library.register_autograd("stable_pg::surrogate_fwd", _backward, setup_context=_setup_context)
-    torch.ops.stable_pg.surrogate_fwd._fused_loss_registered = True
+    # The fake (meta) kernel lets torch.compile trace the op; autograd is registered in C++.
+    if not getattr(torch.ops.stable_pg.surrogate_fwd, "_fused_loss_registered", False):
+        torch.library.register_fake("stable_pg::surrogate_fwd")(_fake)
+        torch.ops.stable_pg.surrogate_fwd._fused_loss_registered = True

@@ -291,6 +291,8 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
     monkeypatch.setenv("FUSED_LOSS_BACKEND", "extension")
     with pytest.raises(RuntimeError, match="unavailable"):
         F.surrogate(new, old, adv, EPS, "ppo")
+    with pytest.raises(RuntimeError, match="extension build failed: RuntimeError: Error checking compiler"):
+        F.load_extension(required=True)  # also after the failure was cached
 
 
 def test_stale_build_lock_is_removed(ext):
@@ -303,3 +305,11 @@ def test_stale_build_lock_is_removed(ext):
     assert proc.returncode == 0, proc.stderr
     assert "removing stale build lock" in proc.stderr and proc.stdout.startswith("extension (")
     assert not lock.exists()
+
+
+def test_double_backward_is_refused(ext):
+    new, old, adv = random_inputs(10, torch.float64)
+    x = new.requires_grad_()
+    loss, _ = ext_surrogate(x, old, adv, EPS, "ppo")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
