@@ -168,10 +168,14 @@ def _build():
     omp = ["-fopenmp"] if torch.backends.openmp.is_available() else []  # at::parallel_for is inline OpenMP
     # Value-safe flags only: no fast-math and no FMA contraction, so every op rounds as eager
     # PyTorch's does; -fno-trapping-math only drops FP-exception semantics, letting selects vectorise.
-    # The build runs on the machine that uses it, so AVX2 can be enabled whenever torch uses it.
     cflags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *omp]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        cflags.append("-mavx2")
+    # Built where it runs, so it can target the ISA torch dispatches to here; with the same
+    # CPU_CAPABILITY, ATen's Vectorized<T>::exp is the very SLEEF exp eager torch.exp uses.
+    cap = torch.backends.cpu.get_cpu_capability()
+    isa = {"AVX2": ["-mavx2", "-mfma", "-mf16c"],
+           "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}.get(cap, [])
+    if isa:
+        cflags += [*isa, f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
     cuda_cflags = ["-O3", "--fmad=false"]
     # A directory per source/flag/torch hash: edits never reuse stale objects, and builds for
     # different torch versions do not fight over one directory.

@@ -239,7 +239,10 @@ class Agent(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def mean(self, obs):
-        mean = self.actor_mean(obs)
+        return self.transform_mean(self.actor_mean(obs))
+
+    def transform_mean(self, mean):
+        """The mean network's output, shifted and mapped into the action box as configured."""
         if self.mean_shift:
             mean = mean + self.mean_shift
         if self.mean_transform == "clip":
@@ -270,11 +273,15 @@ def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma,
     reached (an episode's true final observation when it ended); terminations stop the bootstrap,
     any episode end (terminated or truncated) stops the accumulation."""
     advantages = np.zeros_like(rewards)
-    last = np.zeros_like(rewards[0])
-    for t in reversed(range(len(rewards))):
-        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminations[t]) - values[t]
-        last = delta + gamma * gae_lambda * (1.0 - episode_ends[t]) * last
-        advantages[t] = last
+    for env in range(rewards.shape[1]):
+        # python floats: numpy's per-call overhead would dominate this sequential loop
+        r, v, nv, term, end = (x[:, env].tolist() for x in (rewards, values, next_values, terminations, episode_ends))
+        last, column = 0.0, [0.0] * len(r)
+        for t in reversed(range(len(r))):
+            delta = r[t] + gamma * nv[t] * (1.0 - term[t]) - v[t]
+            last = delta + gamma * gae_lambda * (1.0 - end[t]) * last
+            column[t] = last
+        advantages[:, env] = column
     return advantages, advantages + values
 
 
@@ -505,7 +512,8 @@ if __name__ == "__main__":
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
         "global_step": 0, "total_timesteps": num_iterations * batch_size, "exploded": False,
         "explosion_step": None, "explosion_reason": None, "nonfinite_updates": 0, "episodes": 0,
-        "final_return": None, "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0, "sps": 0.0,
+        "final_return": None, "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0,
+        "sps": 0.0,
         "versions": versions(),
     }
     summary_path = os.path.join(run_dir, "summary.json")
@@ -584,10 +592,10 @@ if __name__ == "__main__":
                 max_log10_raw = float(stacked["max_log_ratio"].max()) / math.log(10)
                 if not math.isnan(max_log10):
                     max_log10_ratio = max(max_log10_ratio, max_log10)
-                current_means = agent.mean(batch["obs"])
-                current_std = agent.std()
-                kl = gaussian_kl(current_means, current_std, batch["old_means"], batch["old_std"]).mean()
                 raw_means = agent.actor_mean(batch["obs"])
+                current_std = agent.std()
+                kl = gaussian_kl(agent.transform_mean(raw_means), current_std, batch["old_means"], batch["old_std"])
+                kl = kl.mean()
                 policy_l2 = (raw_means - initial_actor_mean(batch["obs"])).pow(2).mean().sqrt()
                 outside = (batch["old_means"] < agent.action_low) | (batch["old_means"] > agent.action_high)
                 telemetry = {

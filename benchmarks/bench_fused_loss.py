@@ -62,7 +62,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per size (0: by size)")
     ap.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth, GB/s")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     F.load_extension(required=True)
     dtype = getattr(torch, args.dtype)

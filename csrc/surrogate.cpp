@@ -5,6 +5,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/Config.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/mul.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -16,6 +19,30 @@
 namespace stable_pg {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Eager torch.exp on CPU is MKL's VML exp in high-accuracy mode when torch is built with MKL (see
+// ATen/cpu/vml.h), else SLEEF through Vectorized<T>::exp. Calling the same functions makes the
+// ratios, and so the gradients, equal eager PyTorch's bit for bit. The MKL symbols come from
+// libtorch_cpu; they are weak, so a torch that does not export them still loads (and uses SLEEF).
+#if AT_MKL_ENABLED() && !defined(__APPLE__)
+extern "C" {
+void vmsExp(int n, const float* a, float* r, long long mode) __attribute__((weak));
+void vmdExp(int n, const double* a, double* r, long long mode) __attribute__((weak));
+}
+constexpr long long kVmlMode = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+#endif
+
+template <typename T>
+static void exp_as_torch(const T* x, T* y, int64_t n) {
+#if AT_MKL_ENABLED() && !defined(__APPLE__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (vmsExp) return vmsExp(int(n), x, y, kVmlMode);
+  } else {
+    if (vmdExp) return vmdExp(int(n), x, y, kVmlMode);
+  }
+#endif
+  at::vec::map([](at::vec::Vectorized<T> v) { return v.exp(); }, y, x, n);
+}
 
 // Chunks are the parallel work unit. Their size is fixed, each is reduced in a fixed order and
 // the chunk partials are combined in index order: results do not depend on the thread count.
@@ -39,8 +66,7 @@ static Partial<T> reduce_chunk(const T* __restrict__ nl, const T* __restrict__ o
     const int64_t m = std::min(kBlock, n - b);
     int32_t c_clip = 0, c_nonfinite = 0, c_overflow = 0;
     for (int64_t j = 0; j < m; ++j) lr[j] = nl[b + j] - ol[b + j];
-    // libm's exp does not vectorise (without fast-math); isolating it lets everything else.
-    for (int64_t j = 0; j < m; ++j) ratio[j] = std::exp(lr[j]);
+    exp_as_torch(lr, ratio, m);
     for (int64_t j = 0; j < m; ++j) {
       surr[j] = surrogate_and_grad<T, KIND>(nl[b + j], lr[j], ratio[j], adv[b + j], P, grad[b + j]);
       kl[j] = (ratio[j] - T(1)) - lr[j];
