@@ -478,6 +478,11 @@ if __name__ == "__main__":
             surrogate_fn = fused_loss.surrogate
         else:
             surrogate_fn = surrogate
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                raise BadArgument("--track needs wandb: pip install wandb")
         env_name = args.env_id.replace("/", "-").replace(":", "-")
         run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join(args.log_dir, run_name)
@@ -489,8 +494,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
     if args.track:
-        import wandb
-
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
     writer = SummaryWriter(run_dir)
@@ -519,7 +522,6 @@ if __name__ == "__main__":
     else:
         optimizer = torch.optim.SGD(params, lr=args.learning_rate, fused=True)
     max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-
 
     summary = {
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
