@@ -80,6 +80,7 @@ static Partial<T> reduce_chunk(const T* __restrict__ nl, const T* __restrict__ o
     const int64_t mp = (m + kLanes - 1) / kLanes * kLanes;
     for (int64_t j = m; j < mp; ++j) surr[j] = kl[j] = T(0), lr[j] = lr[0], eff[j] = eff[0];
     for (int64_t j = 0; j < mp; j += kLanes)
+#pragma omp simd  // lanes are independent: vectorising across them reorders nothing
       for (int64_t l = 0; l < kLanes; ++l) {
         s[l] += double(surr[j + l]);
         k[l] += double(kl[j + l]);

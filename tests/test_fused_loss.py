@@ -47,15 +47,23 @@ def run(fn, new, old, adv, kind, view=None, upstream=1.0):
     return loss.detach(), leaf.grad, stats
 
 
-def assert_matches(ref, got, device="cpu"):
+# On CPU the extension calls the exp eager torch.exp uses (MKL VML on x86 builds), so every
+# per-element result is bit-identical there; elsewhere ratios may differ in the last ulp.
+EXACT_EXP_CPU = torch.backends.mkl.is_available()
+EXACT = dict(rtol=0, atol=0)
+
+
+def assert_matches(ref, got):
     (l0, g0, s0), (l1, g1, s1) = ref, got
     assert l1.shape == () and l1.dtype == l0.dtype and l1.device == l0.device
-    torch.testing.assert_close(l1, l0, equal_nan=True)
-    torch.testing.assert_close(g1, g0, equal_nan=True)
+    torch.testing.assert_close(l1, l0, equal_nan=True)  # sums: same terms, other order
+    exact_exp = EXACT if g0.device.type == "cpu" and EXACT_EXP_CPU else {}
+    torch.testing.assert_close(g1, g0, equal_nan=True, **exact_exp)
     assert list(s1) == list(s0) == [*F.FLOAT_STATS, *F.INT_STATS]
     for k in F.FLOAT_STATS:
         assert s1[k].shape == () and s1[k].dtype == l0.dtype and not s1[k].requires_grad, k
-        torch.testing.assert_close(s1[k], s0[k], equal_nan=True, msg=lambda m: f"{k}: {m}")
+        tol = {} if k == "approx_kl" else EXACT  # maxima, minima and count / N are exact
+        torch.testing.assert_close(s1[k], s0[k], equal_nan=True, **tol, msg=lambda m: f"{k}: {m}")
     for k in F.INT_STATS:
         assert s1[k].shape == () and s1[k].dtype == torch.int64, k
         assert s1[k].item() == s0[k].item(), (k, s1[k].item(), s0[k].item())
