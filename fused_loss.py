@@ -169,8 +169,8 @@ def _build():
     # Value-safe flags only: no fast-math and no FMA contraction, so every op rounds as eager
     # PyTorch's does; -fno-trapping-math only drops FP-exception semantics, letting selects vectorise.
     cflags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *omp]
-    # Built where it runs, so it can target the ISA torch dispatches to here; with the same
-    # CPU_CAPABILITY, ATen's Vectorized<T>::exp is the very SLEEF exp eager torch.exp uses.
+    # Built where it runs, so it can target the ISA torch dispatches to here. The same
+    # CPU_CAPABILITY also makes Vectorized<T>::exp (used when torch has no MKL) eager torch.exp's.
     cap = torch.backends.cpu.get_cpu_capability()
     isa = {"AVX2": ["-mavx2", "-mfma", "-mf16c"],
            "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}.get(cap, [])
