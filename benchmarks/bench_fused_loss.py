@@ -78,7 +78,7 @@ def main():
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.dtype}, clip_coef {args.clip_coef}")
     print(f"# {F.backend_info()}")
-    print(f"# forward+backward, median of rounds; times in ms; GB/s = 4 N bytes-per-element / ext time")
+    print("# forward+backward, median of rounds; times in ms; GB/s = 4 N bytes-per-element / ext time")
     cols = "device kind N rounds " + " ".join(f"{m}_ms" for m in methods) + " eager/ext" + (" compiled/ext" if "compiled" in methods else "")
     print("| " + " | ".join(cols.split()) + " | GB/s | % peak |")
     print("|" + "---|" * (len(cols.split()) + 2))
