@@ -63,7 +63,7 @@ def assert_matches(ref, got):
     for k in F.FLOAT_STATS:
         assert s1[k].shape == () and s1[k].dtype == l0.dtype and not s1[k].requires_grad, k
         tol = {} if k == "approx_kl" else EXACT  # maxima, minima and count / N are exact
-        torch.testing.assert_close(s1[k], s0[k], equal_nan=True, **tol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(s1[k], s0[k], equal_nan=True, **tol, msg=lambda m, k=k: f"{k}: {m}")
     for k in F.INT_STATS:
         assert s1[k].shape == () and s1[k].dtype == torch.int64, k
         assert s1[k].item() == s0[k].item(), (k, s1[k].item(), s0[k].item())
