@@ -102,7 +102,7 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Extension: JIT build once per process, fake-kernel registration, backend choice.
+# Extension: JIT build once per process, autograd and fake kernels registered here, backend choice.
 
 _state = types.SimpleNamespace(path=None, devices=(), error=None, warned=set())
 
@@ -221,8 +221,25 @@ def _fake(new_logp, old_logp, adv, clip_coef, kind):
             new_logp.new_empty(len(INT_STATS), dtype=torch.int64))
 
 
+def _setup_context(ctx, inputs, output):
+    _, grad, fstats, istats = output
+    ctx.mark_non_differentiable(grad, fstats, istats)
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss, *unused_grads):
+    # the forward already produced d loss / d new_logp, so the backward is one multiply; that
+    # saved gradient is a constant to autograd, so a second derivative would silently be zero
+    if torch.is_grad_enabled():
+        raise RuntimeError("stable_pg::surrogate_fwd does not support double backward (create_graph=True); "
+                           "use backend='reference'")
+    (grad,) = ctx.saved_tensors
+    # old_logp and advantages are constants: no gradient, like .detach() in the reference
+    return grad_loss * grad, None, None, None, None
+
+
 def _register():
-    # The fake (meta) kernel lets torch.compile trace the op; autograd is registered in C++.
     if not getattr(torch.ops.stable_pg.surrogate_fwd, "_fused_loss_registered", False):
         torch.library.register_fake("stable_pg::surrogate_fwd")(_fake)
+        torch.library.register_autograd("stable_pg::surrogate_fwd", _backward, setup_context=_setup_context)
         torch.ops.stable_pg.surrogate_fwd._fused_loss_registered = True

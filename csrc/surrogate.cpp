@@ -1,15 +1,13 @@
-// Fused policy-gradient surrogate: the op's schema (the one TORCH_LIBRARY block), its autograd
-// kernel (device independent) and its CPU kernel. The CUDA kernel is in surrogate_cuda.cu.
+// Fused policy-gradient surrogate: the op's schema (the one TORCH_LIBRARY block) and its CPU
+// kernel. The CUDA kernel is in surrogate_cuda.cu; autograd and fake kernels are registered from
+// Python (fused_loss.py).
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Config.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/mul.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -136,39 +134,6 @@ Outputs surrogate_fwd_cpu(
   return {loss, grad, fstats, istats};
 }
 
-// The forward already produced d loss / d new_logp, so the backward is one multiply. Autograd is
-// registered here rather than with torch.library.register_autograd: the Python path costs ~30 us
-// per call, which at N = 4096 is more than the kernel itself.
-struct SurrogateFunction : public torch::autograd::Function<SurrogateFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& new_logp,
-                                                const at::Tensor& old_logp, const at::Tensor& adv, double clip_coef,
-                                                int64_t kind) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("stable_pg::surrogate_fwd", "")
-                               .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
-    auto [loss, grad, fstats, istats] = op.call(new_logp, old_logp, adv, clip_coef, kind);
-    ctx->save_for_backward({grad});
-    ctx->mark_non_differentiable({grad, fstats, istats});
-    return {loss, grad, fstats, istats};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    // The saved gradient is a constant here, so a second derivative would silently be zero.
-    TORCH_CHECK(!at::GradMode::is_enabled(), "stable_pg::surrogate_fwd does not support double backward "
-                "(create_graph=True); use backend='reference'");
-    // old_logp and advantages are constants: no gradient, like .detach() in the reference.
-    return {at::mul(grads[0], ctx->get_saved_variables()[0]), {}, {}, {}, {}};
-  }
-};
-
-Outputs surrogate_fwd_autograd(const at::Tensor& new_logp, const at::Tensor& old_logp, const at::Tensor& adv,
-                               double clip_coef, int64_t kind) {
-  auto out = SurrogateFunction::apply(new_logp, old_logp, adv, clip_coef, kind);
-  return {out[0], out[1], out[2], out[3]};
-}
-
 // fstats = [max_log_ratio, min_log_ratio, max_log_ratio_effective, clip_frac, approx_kl]
 // istats = [n_nonfinite, n_overflow]; grad = d loss / d new_logp, saved for the backward.
 TORCH_LIBRARY(stable_pg, m) {
@@ -177,7 +142,6 @@ TORCH_LIBRARY(stable_pg, m) {
         {at::Tag::pt2_compliant_tag});
 }
 
-TORCH_LIBRARY_IMPL(stable_pg, Autograd, m) { m.impl("surrogate_fwd", &surrogate_fwd_autograd); }
 TORCH_LIBRARY_IMPL(stable_pg, CPU, m) { m.impl("surrogate_fwd", &surrogate_fwd_cpu); }
 
 }  // namespace stable_pg
