@@ -148,11 +148,13 @@ def test_list_cli_and_bad_names(tmp_path):
     cmds = [shlex.split(line) for line in lines[1:]]
     assert len(cmds) == 8 and all(c[:2] == ["python", "ppo_continuous.py"] for c in cmds)
     assert flags_of(cmds[2])["reward-scale"] == ["0.1"] and flags_of(cmds[2])["seed"] == ["1"]
-    listed = subprocess.run([sys.executable, REPRO, "list", "all"], capture_output=True, text=True, cwd=ROOT)
+    listed = subprocess.run([sys.executable, REPRO, "list", "all", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
     assert sum(line.startswith("python ") for line in listed.stdout.splitlines()) == sum(
         n for n, _, _ in EXPECTED.values())
     for argv in (["list", "nope"], ["report", "nope"], ["run", "all"]):
-        bad = subprocess.run([sys.executable, REPRO, *argv], capture_output=True, text=True, cwd=ROOT)
+        bad = subprocess.run([sys.executable, REPRO, *argv, "--out", str(tmp_path)], capture_output=True, text=True,
+                             cwd=ROOT)
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, argv
         assert "unknown experiment" in bad.stderr
 
