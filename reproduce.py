@@ -88,6 +88,12 @@ EXPERIMENTS = {
         paper="ours", cells=grid(["ppo", "cpg"], HOPPER, {"logprob-at": ["clipped", "raw"]}),
         what="PPO and CPG on Hopper-v4 [1024] storing the log-prob of the clipped action (paper) or of the raw "
              "sample (CleanRL, SB3): does storing the raw sample alone remove the explosions?"),
+    "logprob-at-shifted": dict(
+        paper="ours",
+        cells=grid(["ppo", "cpg"], HUMANOID, {"mean-shift": [100.0], "logprob-at": ["clipped", "raw"]}),
+        what="PPO and CPG on Humanoid-v4 with the mean shifted out of the box by c = 100 (Appendix A.2), storing "
+             "the log-prob of the clipped action (paper) or of the raw sample: with the raw sample the stored "
+             "action is never far from the mean, so is the overflow gone?"),
 }
 
 # The paper's numbers: experiment -> [(cell values to match, (final return, max return, explosion rate))]

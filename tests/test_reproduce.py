@@ -80,6 +80,7 @@ EXPECTED = {  # experiment: (runs at 5 seeds, algos, envs)
     "optimizer-width": (30, {"ppo"}, {"Hopper-v4"}),
     "shifted-mean": (15, {"ppo", "cpg", "vpg"}, {"Humanoid-v4"}),
     "logprob-at": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
+    "logprob-at-shifted": (20, {"ppo", "cpg"}, {"Humanoid-v4"}),
 }
 
 
