@@ -170,7 +170,10 @@ def test_copied_alone_trains_and_logs_everything(script, tmp_path):
 
 def test_fused_loss_without_the_module_is_a_clear_error(tmp_path):
     shutil.copy(ROOT / "ppo_continuous.py", tmp_path)
-    result = run("ppo_continuous.py", "--fused-loss", cwd=tmp_path, script_dir=tmp_path)
+    # shadows an installed fused_loss (pip install -e . puts it on every path), as if it were missing
+    (tmp_path / "fused_loss.py").write_text("raise ImportError('No module named fused_loss')\n")
+    result = run("ppo_continuous.py", "--fused-loss", *TINY, "--total-timesteps", 1000,
+                 cwd=tmp_path, script_dir=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "fused_loss.py" in result.stderr
 
