@@ -23,6 +23,7 @@ KINDS = ("ppo", "cpg", "is", "vpg")
 BACKENDS = ("auto", "extension", "reference")
 FLOAT_STATS = ("max_log_ratio", "min_log_ratio", "max_log_ratio_effective", "clip_frac", "approx_kl")
 INT_STATS = ("n_nonfinite", "n_overflow")
+STATS = (*FLOAT_STATS, *INT_STATS)
 _CSRC = Path(__file__).resolve().parent / "csrc"
 
 
@@ -93,11 +94,9 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
     """Same result as surrogate_reference, computed by the fused op when `backend` selects it."""
     _check(new_logp, old_logp, advantages, clip_coef, kind)
     if _use_extension(backend, new_logp.device):
-        loss, _, fstats, istats = torch.ops.stable_pg.surrogate_fwd(
+        loss, _, fstats, istats = torch.ops.stable_pg.surrogate_fwd.default(
             new_logp, old_logp.detach(), advantages.detach(), float(clip_coef), KINDS.index(kind))
-        stats = dict(zip(FLOAT_STATS, fstats.unbind()))
-        stats.update(zip(INT_STATS, istats.unbind()))
-        return loss, stats
+        return loss, dict(zip(STATS, (*fstats.unbind(), *istats.unbind())))
     return _reference(new_logp, old_logp, advantages, clip_coef, kind)
 
 

@@ -1,7 +1,9 @@
 """Forward+backward time of the policy surrogate: eager surrogate_reference, torch.compile of it,
-and the fused extension, measured side by side in one run (methods interleaved in every round, so
-load from other processes hits all three alike). Prints medians and the ratios eager/ext and
-compiled/ext; on CUDA also the extension's achieved bandwidth against the device's peak.
+and the fused extension, measured side by side in one run. Each round times one block of
+consecutive calls per method (as torch.utils.benchmark does, so the timer's own cost and one-off
+stalls are spread over the block), and the methods take turns in every round, so load from other
+processes hits all three alike. Prints the median per-call time over rounds and the ratios
+eager/ext and compiled/ext; on CUDA also the extension's achieved bandwidth against the device's peak.
 
     python benchmarks/bench_fused_loss.py                      # cpu (+ cuda when present), ppo and cpg
     python benchmarks/bench_fused_loss.py --kind ppo --device cuda --peak-gbs 3350
@@ -25,31 +27,38 @@ def peak_gbs(device):
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
-def timed(fn, leaf, old, adv, kind, eps, sync):
-    leaf.grad = None
+def timed(fn, leaf, old, adv, kind, eps, sync, calls):
+    """Seconds per call, over a block of `calls` consecutive forward+backward calls."""
     sync()
     t = time.perf_counter()
-    loss, _ = fn(leaf, old, adv, eps, kind)  # stats are computed either way
-    loss.backward()
+    for _ in range(calls):
+        leaf.grad = None
+        loss, _ = fn(leaf, old, adv, eps, kind)  # stats are computed either way
+        loss.backward()
     sync()
-    return time.perf_counter() - t
+    return (time.perf_counter() - t) / calls
 
 
-def bench(device, kind, n, dtype, eps, methods, rounds):
+def bench(device, kind, n, dtype, eps, methods, rounds, block_s):
+    """Median seconds per call of each method, and the block size (calls) and rounds used."""
     g = torch.Generator().manual_seed(0)
     old = -1.0 - torch.rand(n, generator=g, dtype=dtype)
     new = old + 0.3 * torch.randn(n, generator=g, dtype=dtype)
     adv = torch.randn(n, generator=g, dtype=dtype)
     leaf, old, adv = new.to(device).requires_grad_(), old.to(device), adv.to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run = lambda fn, calls: timed(fn, leaf, old, adv, kind, eps, sync, calls)  # noqa: E731
+    for fn in methods.values():  # warm-up: compilation, allocator, caches
+        run(fn, 3)
+    # one block size for all methods, from the slowest: every block lasts at least block_s
+    slowest = max(run(fn, 3) for fn in methods.values())
+    calls = max(1, round(block_s / slowest))
+    rounds = rounds or max(5, min(30, round(1.0 / (calls * slowest))))
     times = {name: [] for name in methods}
-    for name, fn in methods.items():  # warm-up: compilation, allocator, caches
-        for _ in range(3):
-            timed(fn, leaf, old, adv, kind, eps, sync)
     for _ in range(rounds):
         for name, fn in methods.items():
-            times[name].append(timed(fn, leaf, old, adv, kind, eps, sync))
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(run(fn, calls))
+    return {name: statistics.median(t) for name, t in times.items()}, calls, rounds
 
 
 def main():
@@ -59,7 +68,8 @@ def main():
     ap.add_argument("--device", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--clip-coef", type=float, default=0.2)
-    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per size (0: by size)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per size (0: about 1 s of the slowest method, 5 to 30)")
+    ap.add_argument("--block-ms", type=float, default=5.0, help="shortest timed block of consecutive calls, ms")
     ap.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth, GB/s")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -78,8 +88,11 @@ def main():
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.dtype}, clip_coef {args.clip_coef}")
     print(f"# {F.backend_info()}")
-    print("# forward+backward, median of rounds; times in ms; GB/s = 4 N bytes-per-element / ext time")
-    cols = "device kind N rounds " + " ".join(f"{m}_ms" for m in methods) + " eager/ext" + (" compiled/ext" if "compiled" in methods else "")
+    # least traffic of forward+backward: read new_logp, old_logp, advantages and write the
+    # gradient (forward), read it and write grad_out x gradient (backward)
+    print("# forward+backward, median over rounds of the time per call in a block of `calls`; times in ms;"
+          " GB/s = 6 N itemsize / ext time")
+    cols = "device kind N calls rounds " + " ".join(f"{m}_ms" for m in methods) + " eager/ext" + (" compiled/ext" if "compiled" in methods else "")
     print("| " + " | ".join(cols.split()) + " | GB/s | % peak |")
     print("|" + "---|" * (len(cols.split()) + 2))
     for device in args.device.split(","):
@@ -88,10 +101,10 @@ def main():
             print(f"# {torch.cuda.get_device_name()}, peak {peak or 'unknown (pass --peak-gbs)'} GB/s")
         for kind in args.kind.split(","):
             for n in map(int, args.sizes.split(",")):
-                rounds = args.rounds or max(5, min(100, int(2e7 / n)))
-                t = bench(device, kind, n, dtype, args.clip_coef, methods, rounds)
-                gbs = 4 * n * dtype.itemsize / t["ext"] / 1e9
-                row = [device, kind, n, rounds, *(f"{t[m] * 1e3:.3f}" for m in methods), f"{t['eager'] / t['ext']:.1f}x"]
+                t, calls, rounds = bench(device, kind, n, dtype, args.clip_coef, methods, args.rounds,
+                                         args.block_ms / 1e3)
+                gbs = 6 * n * dtype.itemsize / t["ext"] / 1e9
+                row = [device, kind, n, calls, rounds, *(f"{t[m] * 1e3:.3f}" for m in methods), f"{t['eager'] / t['ext']:.1f}x"]
                 if "compiled" in t:
                     row.append(f"{t['compiled'] / t['ext']:.1f}x")
                 row += [f"{gbs:.1f}", f"{100 * gbs / peak:.0f}" if peak else "-"]
