@@ -103,7 +103,8 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
 # ---------------------------------------------------------------------------------------------
 # Extension: JIT build once per process, autograd and fake kernels registered here, backend choice.
 
-_state = types.SimpleNamespace(path=None, devices=(), error=None, warned=set())
+# error: why the extension did not build; cuda_error: why it has no CUDA kernel though a GPU is there
+_state = types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set())
 
 
 def _requested(backend):
@@ -123,7 +124,12 @@ def _use_extension(backend, device):
     ok = load_extension()
     if ok and device.type in _state.devices:
         return True
-    why = f"no {device.type} kernel was built" if ok else f"extension build failed: {_state.error}"
+    if not ok:
+        why = f"extension build failed: {_state.error}"
+    elif device.type == "cuda" and _state.cuda_error:
+        why = f"its CUDA kernel did not build: {_state.cuda_error}"
+    else:
+        why = f"no {device.type} kernel was built"
     if backend == "extension":
         raise RuntimeError(f"fused_loss: backend='extension' is unavailable: {why}")
     if why not in _state.warned:  # one warning per reason, not per call
@@ -138,7 +144,8 @@ def backend_info():
     if backend == "reference":
         return "reference (FUSED_LOSS_BACKEND=reference)"
     if load_extension():
-        return f"extension ({', '.join(_state.devices)}, built in {_state.path})"
+        no_cuda = f"; no CUDA kernel: {_state.cuda_error}" if _state.cuda_error else ""
+        return f"extension ({', '.join(_state.devices)}, built in {_state.path}{no_cuda})"
     if backend == "extension":
         return f"unavailable (FUSED_LOSS_BACKEND=extension, but the extension build failed: {_state.error})"
     return f"reference (extension build failed: {_state.error})"
@@ -148,21 +155,37 @@ def load_extension(required=False):
     """Build and load the op once per process; True when available. Never raises unless required."""
     if _state.path is None and _state.error is None:
         try:
-            _state.path, _state.devices = _build()
+            _state.path, _state.devices, _state.cuda_error = _build()
             _register()
         except Exception as e:  # no compiler, no ninja, compile error, ...
-            lines = str(e).strip().splitlines() or [""]
-            first_error = next((l.strip() for l in lines[1:] if "error" in l.lower()), "")
-            _state.error = f"{type(e).__name__}: {lines[0][:200]}" + (f" ... {first_error[:200]}" if first_error else "")
+            _state.error = _describe(e)
     if required and _state.path is None:
         raise RuntimeError(f"fused_loss: extension build failed: {_state.error}")
     return _state.path is not None
 
 
+def _describe(error):
+    """One line for a build error: its first line and the first compiler line saying 'error'."""
+    lines = str(error).strip().splitlines() or [""]
+    first_error = next((l.strip() for l in lines[1:] if "error" in l.lower()), "")
+    return f"{type(error).__name__}: {lines[0][:200]}" + (f" ... {first_error[:200]}" if first_error else "")
+
+
 def _build():
+    """(build dir, devices with a kernel, why there is no CUDA kernel though a GPU is visible)."""
+    if torch.cuda.is_available():  # a CUDA build of torch with a visible GPU
+        # pip's torch brings no nvcc: without the CUDA toolkit the CPU kernel still serves
+        try:
+            return _compile(cuda=True), ("cpu", "cuda"), None
+        except Exception as e:
+            cuda_error = _describe(e)
+        return _compile(cuda=False), ("cpu",), cuda_error
+    return _compile(cuda=False), ("cpu",), None
+
+
+def _compile(cuda):
     from torch.utils import cpp_extension
 
-    cuda = torch.cuda.is_available()  # a CUDA build of torch with a visible GPU
     sources = [_CSRC / "surrogate.cpp"] + ([_CSRC / "surrogate_cuda.cu"] if cuda else [])
     omp = ["-fopenmp"] if torch.backends.openmp.is_available() else []  # at::parallel_for is inline OpenMP
     # Value-safe flags only: no fast-math and no FMA contraction, so every op rounds as eager
@@ -189,7 +212,7 @@ def _build():
         cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
                            extra_cuda_cflags=cuda_cflags, extra_ldflags=omp, build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
-    return build_dir, ("cpu", "cuda") if cuda else ("cpu",)
+    return build_dir
 
 
 @contextlib.contextmanager

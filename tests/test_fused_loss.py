@@ -282,7 +282,7 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
         raise RuntimeError("Error checking compiler version for c++\nmore detail")
 
     monkeypatch.setattr(F, "_build", no_compiler)
-    monkeypatch.setattr(F, "_state", types.SimpleNamespace(path=None, devices=(), error=None, warned=set()))
+    monkeypatch.setattr(F, "_state", types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set()))
     monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
     new, old, adv = random_inputs(50, torch.float64)
     with warnings.catch_warnings(record=True) as caught:
@@ -301,6 +301,29 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
         F.surrogate(new, old, adv, EPS, "ppo")
     with pytest.raises(RuntimeError, match="extension build failed: RuntimeError: Error checking compiler"):
         F.load_extension(required=True)  # also after the failure was cached
+
+
+def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext, monkeypatch):
+    # pip's CUDA torch brings no nvcc: the CUDA compile fails, the CPU kernel must still serve
+    compile_cpu = F._compile
+
+    def no_nvcc(cuda):
+        if cuda:
+            raise OSError("CUDA_HOME environment variable is not set.\nmore detail")
+        return compile_cpu(cuda)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(F, "_compile", no_nvcc)
+    monkeypatch.setattr(F, "_state", types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set()))
+    monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
+    assert F.load_extension(required=True) and F._state.devices == ("cpu",)
+    assert F.backend_info().endswith("; no CUDA kernel: OSError: CUDA_HOME environment variable is not set.)")
+    new, old, adv = random_inputs(50, torch.float64)
+    assert F.surrogate(new.requires_grad_(), old, adv, EPS, "ppo")[0].grad_fn.name() != "NegBackward0"
+    with pytest.warns(RuntimeWarning, match="its CUDA kernel did not build: OSError: CUDA_HOME"):
+        assert not F._use_extension("auto", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="unavailable: its CUDA kernel did not build"):
+        F._use_extension("extension", torch.device("cuda"))
 
 
 def test_stale_build_lock_is_removed(ext):
