@@ -48,8 +48,10 @@ def bench(device, kind, n, dtype, eps, methods, rounds, block_s):
     leaf, old, adv = new.to(device).requires_grad_(), old.to(device), adv.to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     run = lambda fn, calls: timed(fn, leaf, old, adv, kind, eps, sync, calls)  # noqa: E731
-    for fn in methods.values():  # warm-up: compilation, allocator, caches
-        run(fn, 3)
+    for fn in methods.values():  # warm-up: compilation, allocator, caches, the interpreter's specialisation
+        start = time.perf_counter()
+        while time.perf_counter() - start < 0.2:
+            run(fn, 3)
     # one block size for all methods, from the slowest: every block lasts at least block_s
     slowest = max(run(fn, 3) for fn in methods.values())
     calls = max(1, round(block_s / slowest))
