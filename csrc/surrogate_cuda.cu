@@ -17,7 +17,9 @@
 namespace stable_pg {
 
 constexpr int kThreads = 256;       // power of two: the tree reduction below halves it
-constexpr int64_t kMaxBlocks = 1024;
+// Enough blocks for several waves on any current GPU, so the last, partly filled wave costs
+// little; the grid still depends on N alone, so results do not depend on the device.
+constexpr int64_t kMaxBlocks = 4096;
 
 // Fixed pairing tree over the block's threads; the result lands in sh[0].
 template <typename T>
