@@ -246,6 +246,8 @@ def _fake(new_logp, old_logp, adv, clip_coef, kind):
 def _setup_context(ctx, inputs, output):
     _, grad, fstats, istats = output
     ctx.mark_non_differentiable(grad, fstats, istats)
+    # else autograd hands the backward zero-filled gradients for these three, one of them N long
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
 
 
@@ -256,8 +258,9 @@ def _backward(ctx, grad_loss, *unused_grads):
         raise RuntimeError("stable_pg::surrogate_fwd does not support double backward (create_graph=True); "
                            "use backend='reference'")
     (grad,) = ctx.saved_tensors
+    # grads are not materialised, so a loss that got no gradient arrives as None: none flows on;
     # old_logp and advantages are constants: no gradient, like .detach() in the reference
-    return grad_loss * grad, None, None, None, None
+    return None if grad_loss is None else grad_loss * grad, None, None, None, None
 
 
 def _register():
