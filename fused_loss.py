@@ -103,8 +103,12 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
 # ---------------------------------------------------------------------------------------------
 # Extension: JIT build once per process, autograd and fake kernels registered here, backend choice.
 
-# error: why the extension did not build; cuda_error: why it has no CUDA kernel though a GPU is there
-_state = types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set())
+def _new_state():
+    # error: why the extension did not build; cuda_error: why it has no CUDA kernel though a GPU is there
+    return types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set())
+
+
+_state = _new_state()
 
 
 def _requested(backend):

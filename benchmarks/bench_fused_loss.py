@@ -48,12 +48,14 @@ def bench(device, kind, n, dtype, eps, methods, rounds, block_s):
     leaf, old, adv = new.to(device).requires_grad_(), old.to(device), adv.to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     run = lambda fn, calls: timed(fn, leaf, old, adv, kind, eps, sync, calls)  # noqa: E731
-    for fn in methods.values():  # warm-up: compilation, allocator, caches, the interpreter's specialisation
-        start = time.perf_counter()
-        while time.perf_counter() - start < 0.2:
-            run(fn, 3)
-    # one block size for all methods, from the slowest: every block lasts at least block_s
-    slowest = max(run(fn, 3) for fn in methods.values())
+    per_call = {}
+    for name, fn in methods.items():  # warm-up: compilation, allocator, caches, the interpreter's specialisation
+        start, warm_calls = time.perf_counter(), 0
+        while warm_calls < 2 or time.perf_counter() - start < 0.2:  # the last call is past compilation
+            per_call[name] = run(fn, 1)
+            warm_calls += 1
+    # one block size for all methods, from the slowest: every block lasts about block_s
+    slowest = max(per_call.values())
     calls = max(1, round(block_s / slowest))
     rounds = rounds or max(5, min(30, round(1.0 / (calls * slowest))))
     times = {name: [] for name in methods}
@@ -71,7 +73,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--clip-coef", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per size (0: about 1 s of the slowest method, 5 to 30)")
-    ap.add_argument("--block-ms", type=float, default=5.0, help="shortest timed block of consecutive calls, ms")
+    ap.add_argument("--block-ms", type=float, default=5.0, help="timed block of consecutive calls, ms of the slowest method")
     ap.add_argument("--peak-gbs", type=float, default=None, help="device peak memory bandwidth, GB/s")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -282,7 +281,7 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
         raise RuntimeError("Error checking compiler version for c++\nmore detail")
 
     monkeypatch.setattr(F, "_build", no_compiler)
-    monkeypatch.setattr(F, "_state", types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set()))
+    monkeypatch.setattr(F, "_state", F._new_state())
     monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
     new, old, adv = random_inputs(50, torch.float64)
     with warnings.catch_warnings(record=True) as caught:
@@ -314,7 +313,7 @@ def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(F, "_compile", no_nvcc)
-    monkeypatch.setattr(F, "_state", types.SimpleNamespace(path=None, devices=(), error=None, cuda_error=None, warned=set()))
+    monkeypatch.setattr(F, "_state", F._new_state())
     monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
     assert F.load_extension(required=True) and F._state.devices == ("cpu",)
     assert F.backend_info().endswith("; no CUDA kernel: OSError: CUDA_HOME environment variable is not set.)")
