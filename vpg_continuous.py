@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import signal
@@ -24,6 +25,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 ALGO = "vpg"
 LOG_2PI = math.log(2 * math.pi)
+# checkpoint.pt is written at the first iteration boundary and then at most once a minute: a hard kill
+# loses at most a minute of training, and a write (tens of ms for a [1024, 1024] Humanoid) that rarely
+# is not measurable. SIGTERM and Ctrl-C write the latest boundary's state whenever they come.
+CHECKPOINT_INTERVAL_S = 60
 
 
 @dataclass
@@ -50,6 +55,11 @@ class Args:
     """the folder that holds one sub-folder per run"""
     run_name: Optional[str] = None
     """the run's folder name; default `{env_id}__{exp_name}__{seed}__{unix_time}`"""
+    resume: Optional[str] = None
+    """a run folder: continue that run from its checkpoint.pt, with its own args (no other flag may be
+    given), in the same folder; TensorBoard events logged after the checkpoint are purged. On CPU the
+    result is bit-identical to an uncut run. An env whose state cannot be saved (it does not pickle, and
+    is not MuJoCo) starts a new episode on resume instead; --capture-video's recorder restarts its count"""
 
     env_id: str = "Hopper-v4"
     """the id of the environment (any gymnasium env with a continuous Box action space)"""
@@ -103,7 +113,16 @@ class Args:
     mean_shift: float = 0.0
     """a constant c added to the mean network's output (Appendix A.2)"""
     logprob_at: Literal["clipped", "raw"] = "clipped"
-    """clipped: store the clipped action phi(a) and its log-prob (paper); raw: the unclipped sample"""
+    """clipped: store the clipped action phi(a) and its log-prob (paper); raw: the unclipped sample.
+    With --squash tanh nothing is clipped and only `clipped` is accepted: see --squash"""
+    squash: Literal["none", "tanh"] = "none"
+    """none: a Gaussian, its samples clipped to the action box; tanh: the action is
+    low + (high - low) / 2 * (1 + tanh(u)), u ~ N(mu, std), always inside the box, its log-prob with the
+    Jacobian of the tanh and the scaling (SAC). The pre-squash sample u is stored and log-probs are taken
+    from it (atanh of an action at the box's edge is not finite). mu is the pre-squash mean, so
+    --mean-transform clip/tanh make no sense with it; --mean-shift shifts mu. Telemetry: max_abs_mean and
+    frac_mean_outside are of mu, log10_kl is the KL of the Gaussians in u (equal to the squashed ones'),
+    min_old_log_prob is of the squashed density; the entropy (bonus and log) is the Gaussian's in u"""
     reward_scale: float = 1.0
     """rewards are multiplied by this before learning (Table 6)"""
     norm_obs: bool = False
@@ -150,6 +169,10 @@ def check_args(args):
          "--init-std must exceed --min-std with --std-param softplus"),
         (not math.isfinite(args.mean_shift), "--mean-shift must be finite"),
         (not (math.isfinite(args.reward_scale) and args.reward_scale > 0), "--reward-scale must be positive"),
+        (args.squash == "tanh" and args.mean_transform != "none",
+         "--mean-transform maps the mean into the action box; with --squash tanh the mean is pre-squash"),
+        (args.squash == "tanh" and args.logprob_at == "raw",
+         "--logprob-at raw: with --squash tanh nothing is clipped, the pre-squash sample is always stored"),
     ]
     for failed, message in problems:
         if failed:
@@ -233,7 +256,7 @@ class Agent(nn.Module):
         self.register_buffer("action_low", low)
         self.register_buffer("action_high", high)
         self.mean_shift, self.mean_transform = args.mean_shift, args.mean_transform
-        self.std_param, self.min_std = args.std_param, args.min_std
+        self.std_param, self.min_std, self.squash = args.std_param, args.min_std, args.squash
 
     def get_value(self, obs):
         return self.critic(obs).squeeze(-1)
@@ -258,9 +281,23 @@ class Agent(nn.Module):
         std = self.actor_std_param.exp()
         return std.clamp(min=self.min_std) if self.min_std > 0 else std
 
+    def log_prob(self, actions, mean, std):
+        """log pi of stored actions. With --squash tanh they are pre-squash samples u, and this is the
+        density of the action low + (high - low) / 2 * (1 + tanh(u)) that was taken."""
+        log_prob = gaussian_log_prob(actions, mean, std)
+        if self.squash == "tanh":
+            log_prob = log_prob - squash_log_det(actions, (self.action_high - self.action_low) / 2)
+        return log_prob
+
 
 def gaussian_log_prob(actions, mean, std):
     return (-0.5 * ((actions - mean) / std) ** 2 - std.log() - 0.5 * LOG_2PI).sum(-1)
+
+
+def squash_log_det(u, half_range):
+    """log |d action / du| of action = low + half_range * (1 + tanh(u)), summed over dims; SAC's form of
+    log(1 - tanh(u)^2), finite where tanh(u) rounds to +-1."""
+    return (2 * (math.log(2) - u - nn.functional.softplus(-2 * u)) + half_range.log()).sum(-1)
 
 
 def gaussian_kl(mean, std, old_mean, old_std):
@@ -326,15 +363,20 @@ def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode
         std = agent.std()
         scaled_noise = (std * torch.randn(actions.shape, device=device)).cpu().numpy()
         action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
+        half_range = (action_high - action_low) / 2
         for step in range(num_steps):
             global_step += num_envs
             obs[step] = next_obs
             mean = agent.mean(torch.as_tensor(obs[step], device=device)).cpu().numpy()
             sample = mean + scaled_noise[step]
-            clipped = np.clip(sample, action_low, action_high)
+            if args.squash == "tanh":
+                # the clip only catches rounding at the box's edges
+                env_action = np.clip(action_low + half_range * (1 + np.tanh(sample)), action_low, action_high)
+            else:
+                env_action = np.clip(sample, action_low, action_high)
             old_means[step] = mean
-            actions[step] = clipped if args.logprob_at == "clipped" else sample
-            next_obs, reward, terminated, truncated, infos = envs.step(clipped)
+            actions[step] = env_action if args.logprob_at == "clipped" and args.squash == "none" else sample
+            next_obs, reward, terminated, truncated, infos = envs.step(env_action)
             if not (np.isfinite(next_obs).all() and np.isfinite(reward).all()):
                 raise EnvNonFinite(f"{args.env_id} returned a non-finite observation or reward "
                                    f"at global step {global_step}; this is not an explosion of the algorithm")
@@ -364,7 +406,7 @@ def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode
             next_values[list(steps), list(env_ids)] = agent.get_value(final_obs).cpu().numpy()
         advantages, returns = compute_gae(rewards, values, next_values, terminations, episode_ends,
                                           args.gamma, args.gae_lambda)
-        logprobs = gaussian_log_prob(actions, old_means, std)
+        logprobs = agent.log_prob(actions, old_means, std)
 
     batch_size = num_steps * num_envs
     batch = {
@@ -385,7 +427,7 @@ def minibatch_loss(agent, mb, args, surrogate_fn):
     """All losses of one minibatch; the training loop and a postmortem replay both use it."""
     mean = agent.mean(mb["obs"])
     std = agent.std()
-    new_logp = gaussian_log_prob(mb["actions"], mean, std)
+    new_logp = agent.log_prob(mb["actions"], mean, std)
     advantages = mb["advantages"]
     if args.norm_adv:
         advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + 1e-8)
@@ -440,6 +482,97 @@ def write_json_atomically(path, data):
     os.replace(tmp, path)
 
 
+def save_checkpoint(checkpoint, path):
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir):
+    """The checkpoint and args of an unfinished run; a BadArgument when there is nothing to resume."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            status = json.load(f)["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        status = None
+    if status in ("completed", "exploded"):
+        raise BadArgument(f"the run in {run_dir} has {status}: there is nothing to resume")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise BadArgument(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        algo, args = checkpoint["algo"], Args(**checkpoint["args"])
+    except Exception as e:
+        raise BadArgument(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if algo != ALGO:
+        raise BadArgument(f"{path} is a {algo} run: resume it with {algo}_continuous.py")
+    return checkpoint, args
+
+
+# what gymnasium's wrappers and envs carry from step to step besides the simulator: TimeLimit's step
+# count, RecordEpisodeStatistics' running episode, the normalisation statistics and the env's RNG
+ENV_STATE_ATTRS = {"_elapsed_steps", "episode_returns", "episode_lengths", "obs_rms", "return_rms",
+                   "discounted_reward", "_np_random"}
+
+
+def env_layers(env):
+    """The env and every env it wraps, outermost first."""
+    layers = [env]
+    while hasattr(layers[-1], "env"):
+        layers.append(layers[-1].env)
+    return layers
+
+
+def simulator_state(env):
+    """MuJoCo's whole MjData (mj_getState's integration state is not enough: Humanoid's reward reads the
+    centre of mass that the last mj_step derived), else the env's attributes where they pickle (classic
+    control, the test envs), else None."""
+    if type(getattr(env, "data", None)).__name__ == "MjData":
+        return "mujoco", pickle.dumps(env.data)
+    try:
+        return "attributes", pickle.dumps(vars(env))
+    except Exception:
+        return None
+
+
+def env_state(envs):
+    """Per sub-env: the ENV_STATE_ATTRS of every layer, and the simulator's state."""
+    return [([{name: copy.deepcopy(value) for name, value in vars(layer).items() if name in ENV_STATE_ATTRS}
+              for layer in env_layers(env)], simulator_state(env.unwrapped)) for env in envs.envs]
+
+
+def restore_env_state(envs, states, next_obs):
+    """Put reset envs back into a saved state and return the next observations. An env whose simulator
+    could not be saved starts a new episode instead (with its running statistics and RNG restored)."""
+    next_obs = next_obs.copy()
+    for i, (env, (layers, simulator)) in enumerate(zip(envs.envs, states)):
+        for layer, saved in zip(env_layers(env), layers):
+            vars(layer).update(copy.deepcopy(saved))
+        if simulator is None:
+            next_obs[i] = env.reset()[0]
+        elif simulator[0] == "mujoco":
+            import mujoco
+
+            mujoco.mj_copyData(env.unwrapped.data, env.unwrapped.model, pickle.loads(simulator[1]))
+        else:
+            vars(env.unwrapped).update(pickle.loads(simulator[1]))
+    return next_obs
+
+
+def rng_state(device):
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def versions():
     try:
         import mujoco
@@ -455,7 +588,14 @@ def raise_keyboard_interrupt(signum, frame):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    checkpoint = None  # the state at the latest iteration boundary
     try:
+        if args.resume:
+            if args != Args(resume=args.resume):
+                raise BadArgument("--resume takes no other flag: the run goes on with its own args")
+            run_dir = args.resume
+            checkpoint, args = load_checkpoint(run_dir)
+            run_name = checkpoint["run_name"]
         check_args(args)
         if args.fused_loss:
             try:
@@ -470,9 +610,10 @@ if __name__ == "__main__":
                 import wandb
             except ImportError:
                 raise BadArgument("--track needs wandb: pip install wandb")
-        env_name = args.env_id.replace("/", "-").replace(":", "-")
-        run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.log_dir, run_name)
+        if checkpoint is None:
+            env_name = args.env_id.replace("/", "-").replace(":", "-")
+            run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            run_dir = os.path.join(args.log_dir, run_name)
         envs = make_envs(args, run_dir)
     except BadArgument as e:
         print(f"error: {e}", file=sys.stderr)
@@ -483,11 +624,13 @@ if __name__ == "__main__":
     if args.track:
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, monitor_gym=True, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    # a resumed run hides what the run it continues logged after the checkpoint
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -501,7 +644,8 @@ if __name__ == "__main__":
     action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
     act_dim = len(action_low)
     agent = Agent(obs_dim, action_low, action_high, args).to(device)
-    # the mean network at initialisation, for the distance the policy has travelled (Fig. 7b,c)
+    # the mean network at initialisation, for the distance the policy has travelled (Fig. 7b,c); a
+    # resumed run gets it from the seed, as the run it continues did
     initial_actor_mean = copy.deepcopy(agent.actor_mean).requires_grad_(False)
     params = list(agent.parameters())
     if args.optimizer == "adam":
@@ -520,10 +664,18 @@ if __name__ == "__main__":
     }
     summary_path = os.path.join(run_dir, "summary.json")
     episode_returns, moving_returns = [], []  # moving: mean of the last 10 episodes
-    global_step = 0
-    nonfinite_updates = 0
-    max_log10_ratio = -math.inf
+    first_iteration, global_step, nonfinite_updates, max_log10_ratio = 1, 0, 0, -math.inf
     start_time, start_cpu_time = time.time(), time.process_time()
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        episode_returns, moving_returns = list(checkpoint["episode_returns"]), list(checkpoint["moving_returns"])
+        first_iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
+        nonfinite_updates, max_log10_ratio = checkpoint["nonfinite_updates"], checkpoint["max_log10_ratio"]
+        start_time -= checkpoint["wall_time_s"]
+        start_cpu_time -= checkpoint["cpu_time_s"]
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    last_checkpoint_time = -math.inf
     exit_code = 0
 
     def on_episode(step, episode_return, episode_length):
@@ -544,10 +696,29 @@ if __name__ == "__main__":
         )
         write_json_atomically(summary_path, summary)
 
+    def boundary_state(iteration):
+        """Everything needed to go on from the start of `iteration` exactly as if never cut."""
+        return {
+            "algo": ALGO, "args": asdict(args), "run_name": run_name, "iteration": iteration,
+            "global_step": global_step, "nonfinite_updates": nonfinite_updates, "max_log10_ratio": max_log10_ratio,
+            "episode_returns": list(episode_returns), "moving_returns": list(moving_returns),
+            "wall_time_s": time.time() - start_time, "cpu_time_s": time.process_time() - start_cpu_time,
+            "agent": copy.deepcopy(agent.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "next_obs": next_obs.copy(), "envs": env_state(envs), "rng": rng_state(device),
+        }
+
     write_summary("running")
     try:
         next_obs, _ = envs.reset(seed=args.seed)
-        for iteration in range(1, num_iterations + 1):
+        if checkpoint:
+            next_obs = restore_env_state(envs, checkpoint["envs"], checkpoint["next_obs"])
+            set_rng_state(checkpoint["rng"], device)
+        for iteration in range(first_iteration, num_iterations + 1):
+            # taken every iteration (a few ms) so that an interrupt mid-iteration saves the state at its start
+            checkpoint = boundary_state(iteration)
+            if time.time() - last_checkpoint_time >= CHECKPOINT_INTERVAL_S:
+                save_checkpoint(checkpoint, checkpoint_path)
+                last_checkpoint_time = time.time()
             if args.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / num_iterations
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
@@ -666,9 +837,18 @@ if __name__ == "__main__":
             if args.save_model:
                 torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
             write_summary("completed")
+            # nothing is left to resume
+            if os.path.exists(checkpoint_path):
+                os.remove(checkpoint_path)
     except KeyboardInterrupt:
+        # a second signal must not cut the checkpoint short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if checkpoint:
+            save_checkpoint(checkpoint, checkpoint_path)
         write_summary("interrupted")
-        print(f"interrupted at global step {global_step}; summary in {summary_path}", file=sys.stderr)
+        print(f"interrupted at global step {global_step}; summary in {summary_path}"
+              + (f"; continue with --resume {run_dir}" if checkpoint else ""), file=sys.stderr)
         exit_code = 130
     except Exception as e:
         with open(os.path.join(run_dir, "error.txt"), "w") as f:
