@@ -101,7 +101,7 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind, backend="auto"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Extension: JIT build once per process, autograd and fake kernels registered here, backend choice.
+# Extension: JIT build once per process, fake kernel registered here (autograd is in C++), backend choice.
 
 def _new_state():
     # error: why the extension did not build; cuda_error: why it has no CUDA kernel though a GPU is there
@@ -247,28 +247,7 @@ def _fake(new_logp, old_logp, adv, clip_coef, kind):
             new_logp.new_empty(len(INT_STATS), dtype=torch.int64))
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad, fstats, istats = output
-    ctx.mark_non_differentiable(grad, fstats, istats)
-    # else autograd hands the backward zero-filled gradients for these three, one of them N long
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad)
-
-
-def _backward(ctx, grad_loss, *unused_grads):
-    # the forward already produced d loss / d new_logp, so the backward is one multiply; that
-    # saved gradient is a constant to autograd, so a second derivative would silently be zero
-    if torch.is_grad_enabled():
-        raise RuntimeError("stable_pg::surrogate_fwd does not support double backward (create_graph=True); "
-                           "use backend='reference'")
-    (grad,) = ctx.saved_tensors
-    # grads are not materialised, so a loss that got no gradient arrives as None: none flows on;
-    # old_logp and advantages are constants: no gradient, like .detach() in the reference
-    return None if grad_loss is None else grad_loss * grad, None, None, None, None
-
-
 def _register():
     if not getattr(torch.ops.stable_pg.surrogate_fwd, "_fused_loss_registered", False):
         torch.library.register_fake("stable_pg::surrogate_fwd")(_fake)
-        torch.library.register_autograd("stable_pg::surrogate_fwd", _backward, setup_context=_setup_context)
         torch.ops.stable_pg.surrogate_fwd._fused_loss_registered = True

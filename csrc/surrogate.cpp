@@ -1,13 +1,16 @@
-// Fused policy-gradient surrogate: the op's schema (the one TORCH_LIBRARY block) and its CPU
-// kernel. The CUDA kernel is in surrogate_cuda.cu; autograd and fake kernels are registered from
-// Python (fused_loss.py).
+// Fused policy-gradient surrogate: the op's schema (the one TORCH_LIBRARY block), its autograd
+// kernel (device independent) and its CPU kernel. The CUDA kernel is in surrogate_cuda.cu; the
+// fake kernel is registered from Python (fused_loss.py).
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Config.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/mul.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -134,6 +137,43 @@ Outputs surrogate_fwd_cpu(
   return {loss, grad, fstats, istats};
 }
 
+// The forward already produced d loss / d new_logp, so the backward is one multiply. Autograd is
+// registered here rather than with torch.library.register_autograd, whose Python path costs tens of
+// microseconds per call: more than the kernel itself up to N ~ 10^4 on CPU, and the whole of it on a GPU.
+struct SurrogateFunction : public torch::autograd::Function<SurrogateFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& new_logp,
+                                                const at::Tensor& old_logp, const at::Tensor& adv, double clip_coef,
+                                                int64_t kind) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("stable_pg::surrogate_fwd", "")
+                               .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+    auto [loss, grad, fstats, istats] = op.call(new_logp, old_logp, adv, clip_coef, kind);
+    ctx->save_for_backward({grad});
+    ctx->mark_non_differentiable({grad, fstats, istats});
+    // else autograd hands the backward zero-filled gradients for the other three outputs, one N long
+    ctx->set_materialize_grads(false);
+    return {loss, grad, fstats, istats};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    // The saved gradient is a constant here, so a second derivative would silently be zero.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "stable_pg::surrogate_fwd does not support double backward "
+                "(create_graph=True); use backend='reference'");
+    // A loss that got no gradient (grads are not materialised) passes none on; old_logp and
+    // advantages are constants, like .detach() in the reference.
+    const at::Tensor& grad_loss = grads[0];
+    return {grad_loss.defined() ? at::mul(grad_loss, ctx->get_saved_variables()[0]) : at::Tensor(), {}, {}, {}, {}};
+  }
+};
+
+Outputs surrogate_fwd_autograd(const at::Tensor& new_logp, const at::Tensor& old_logp, const at::Tensor& adv,
+                               double clip_coef, int64_t kind) {
+  auto out = SurrogateFunction::apply(new_logp, old_logp, adv, clip_coef, kind);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 // fstats = [max_log_ratio, min_log_ratio, max_log_ratio_effective, clip_frac, approx_kl]
 // istats = [n_nonfinite, n_overflow]; grad = d loss / d new_logp, saved for the backward.
 TORCH_LIBRARY(stable_pg, m) {
@@ -142,6 +182,7 @@ TORCH_LIBRARY(stable_pg, m) {
         {at::Tag::pt2_compliant_tag});
 }
 
+TORCH_LIBRARY_IMPL(stable_pg, Autograd, m) { m.impl("surrogate_fwd", &surrogate_fwd_autograd); }
 TORCH_LIBRARY_IMPL(stable_pg, CPU, m) { m.impl("surrogate_fwd", &surrogate_fwd_cpu); }
 
 }  // namespace stable_pg
