@@ -38,6 +38,12 @@ def ext_surrogate(*args):
     return F.surrogate(*args, backend="extension")
 
 
+def python(code, **env):
+    """`python -c code` in a fresh process at the repository root, with `env` added to ours."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def run(fn, new, old, adv, kind, view=None, upstream=1.0, eps=EPS):
     """loss, d loss / d new_logp (through autograd), stats. `view` maps the leaves to the inputs."""
     leaf = new.detach().clone().requires_grad_()
@@ -312,7 +318,8 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
         F.load_extension(required=True)  # also after the failure was cached
 
 
-def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext, monkeypatch):
+def gpu_without_cuda_toolkit():
+    """The checks of the test below, run in a fresh process: they patch this module for good."""
     # pip's CUDA torch brings no nvcc: the CUDA compile fails, the CPU kernel must still serve
     compile_cpu = F._compile
 
@@ -321,10 +328,8 @@ def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext, monkeypatch):
             raise OSError("CUDA_HOME environment variable is not set.\nmore detail")
         return compile_cpu(cuda)
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(F, "_compile", no_nvcc)
-    monkeypatch.setattr(F, "_state", F._new_state())
-    monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
+    torch.cuda.is_available = lambda: True
+    F._compile = no_nvcc
     assert F.load_extension(required=True) and F._state.devices == ("cpu",)
     assert F.backend_info().endswith("; no CUDA kernel: OSError: CUDA_HOME environment variable is not set.)")
     new, old, adv = random_inputs(50, torch.float64)
@@ -335,13 +340,19 @@ def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext, monkeypatch):
         F._use_extension("extension", torch.device("cuda"))
 
 
+def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext):
+    # On a GPU box this process has loaded the CUDA build; loading the CPU-only one beside it, which
+    # defines the same op, can abort the process, and with it the whole test session.
+    proc = python("from tests.test_fused_loss import gpu_without_cuda_toolkit; gpu_without_cuda_toolkit()",
+                  FUSED_LOSS_BACKEND="auto")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_stale_build_lock_is_removed(ext):
     # A build killed mid-way leaves torch's 'lock' file behind; a fresh process must not wait on it.
     lock = Path(F._state.path) / "lock"
     lock.write_text("")
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = "import fused_loss as F; F.load_extension(required=True); print(F.backend_info())"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = python("import fused_loss as F; F.load_extension(required=True); print(F.backend_info())")
     assert proc.returncode == 0, proc.stderr
     assert "removing stale build lock" in proc.stderr and proc.stdout.startswith("extension (")
     assert not lock.exists()
