@@ -1,15 +1,19 @@
 """The paper's experiments as grids of training runs: list them, run them, report them.
 
-    python reproduce.py list mean-transform                  # one command line per run
+    python reproduce.py list mean-transform                  # one command line per run, and who shares it
     python reproduce.py run mean-transform --workers 2       # runs what is missing; rerun to resume
     python reproduce.py report mean-transform                # {out}/mean-transform/report.md + figures
 
 An experiment is a list of cells (algorithm x environment x flags), each run once per seed as a
 subprocess of ppo_continuous.py / cpg_continuous.py / vpg_continuous.py. Everything not set by the
-cell is the scripts' default, which is the paper's (Tables 3, 4, Appendix A.3). A run lives in
-{out}/{experiment}/{algo}__{env}__{flag=value...}__s{seed}/ (summary.json, TensorBoard events,
-train.log). Options not given to run/report are taken from the experiment's last `run`
-({out}/{experiment}/grid.json), so `report` after `run --seeds 3` reports 3 seeds.
+cell is the scripts' default, which is the paper's (Tables 3, 4, Appendix A.3). A run is its effective
+command line (script, env, seed, budget and the flags that differ from the defaults) and lives once in
+the shared store {out}/runs/{algo}__{env}__{flag=value...}__{budget}__s{seed}/ (summary.json, TensorBoard
+events, train.log, checkpoint.pt while unfinished), so a run that several experiments have is trained
+once and reported in each. {out}/{experiment}/ holds grid.json, report.md and the figures. Options not
+given to run/report are taken from the experiment's last `run` ({out}/{experiment}/grid.json), so
+`report` after `run --seeds 3` reports 3 seeds. An interrupted run is continued from its checkpoint.
+See docs/reproduce.md.
 """
 import argparse
 import fcntl
@@ -88,6 +92,11 @@ EXPERIMENTS = {
         paper="ours", cells=grid(["ppo", "cpg"], HOPPER, {"logprob-at": ["clipped", "raw"]}),
         what="PPO and CPG on Hopper-v4 [1024] storing the log-prob of the clipped action (paper) or of the raw "
              "sample (CleanRL, SB3): does storing the raw sample alone remove the explosions?"),
+    "squash": dict(
+        paper="ours", cells=grid(["ppo", "cpg"], HOPPER, {"squash": ["none", "tanh"]}),
+        what="PPO and CPG on Hopper-v4 [1024] with the Gaussian's actions clipped to the box (paper) or squashed by "
+             "tanh (SAC-style, log-prob with the tanh Jacobian): the tanh-squashed Gaussian never evaluates a density "
+             "at a clipped action; does PPO still explode?"),
     "logprob-at-shifted": dict(
         paper="ours",
         cells=grid(["ppo", "cpg"], HUMANOID, {"mean-shift": [100.0], "logprob-at": ["clipped", "raw"]}),
@@ -114,10 +123,31 @@ PAPER = {
 
 
 def fmt(v):
-    """A flag value as it appears in run names and on the command line."""
+    """A flag value as it appears in run ids and on the command line."""
     if isinstance(v, (list, tuple)):
         return "-".join(map(fmt, v))
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# The scripts' defaults of the flags the grid sets (tested against their Args): a flag at its default is
+# left off the command line and the run id, so the same run in several experiments is one run
+DEFAULTS = {"policy-hidden": [1024, 1024], "mean-transform": "none", "mean-shift": 0.0, "reward-scale": 1.0,
+            "objective": "clip", "learning-rate": 1e-4, "optimizer": "adam", "logprob-at": "clipped",
+            "squash": "none"}
+
+
+def effective(flags):
+    """The flags that differ from the scripts' defaults, sorted by name."""
+    return {k: v for k, v in sorted(flags.items()) if fmt(v) != fmt(DEFAULTS[k])}
+
+
+def cell_id(algo, env, flags):
+    return "__".join([algo, env] + [f"{k}={fmt(v)}" for k, v in effective(flags).items()])
+
+
+def budget(steps):
+    """1000000 -> 1M, 200000 -> 200k, 2500 -> 2500: one spelling per number, so ids stay unique."""
+    return f"{steps // 10**6}M" if steps % 10**6 == 0 else f"{steps // 1000}k" if steps % 1000 == 0 else str(steps)
 
 
 def script(algo):
@@ -126,15 +156,23 @@ def script(algo):
                         f"{algo}_continuous.py")
 
 
-def runs_of(exp, seeds, only=()):
-    """The experiment's runs, in grid order; `only`: keep runs whose name contains every substring."""
+def runs_of(exp, seeds, steps, only=()):
+    """The experiment's runs, in grid order; `only`: keep runs whose name or id contains every substring.
+    name: the run within the experiment (every flag of its cell); id: its folder in the shared store;
+    shared: the other experiments that have the same run."""
+    homes = {}
+    for e, spec in EXPERIMENTS.items():
+        for cell in spec["cells"]:
+            homes.setdefault(cell_id(*cell), []).append(e)
     runs = []
     for algo, env, flags in EXPERIMENTS[exp]["cells"]:
         group = "__".join([algo, env] + [f"{k}={fmt(v)}" for k, v in flags.items()])
+        key = cell_id(algo, env, flags)
         for seed in seeds:
-            name = f"{group}__s{seed}"
-            if all(s in name for s in only):
-                runs.append(dict(name=name, group=group, algo=algo, env=env, flags=flags, seed=seed))
+            run = dict(name=f"{group}__s{seed}", id=f"{key}__{budget(steps)}__s{seed}", group=group, algo=algo,
+                       env=env, flags=flags, seed=seed, steps=steps, shared=[e for e in homes[key] if e != exp])
+            if all(s in run["name"] or s in run["id"] for s in only):
+                runs.append(run)
     return runs
 
 
@@ -142,12 +180,12 @@ def flag_args(key, value):
     return [f"--{key}"] + [fmt(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def command(run, steps, log_dir, cuda=False):
+def command(run, store, cuda=False):
     argv = [sys.executable, script(run["algo"]), "--env-id", run["env"], "--seed", str(run["seed"]),
-            "--total-timesteps", str(steps)]
-    for k, v in run["flags"].items():
+            "--total-timesteps", str(run["steps"])]
+    for k, v in effective(run["flags"]).items():
         argv += flag_args(k, v)
-    argv += ["--log-dir", log_dir, "--run-name", run["name"]] + (["--cuda"] if cuda else [])
+    argv += ["--log-dir", store, "--run-name", run["id"]] + (["--cuda"] if cuda else [])
     return [fmt(a) for a in argv]
 
 
@@ -217,14 +255,31 @@ def interrupt(procs, grace=30.0):
             p.wait()
 
 
-def ray_task(cmd, log_path, env, attempt):
+class StopFlag:
+    """Set by the driver on Ctrl-C; the tasks poll it and stop their runs themselves. Not ray.cancel: cancelling
+    a task that is just ending crashes the driver inside Ray ("Tried to complete task that was not pending")."""
+
+    def __init__(self):
+        self.stopped = False
+
+    def set(self):
+        self.stopped = True
+
+    def get(self):
+        return self.stopped
+
+
+def ray_task(cmd, log_path, env, attempt, stop):
     """The body of one Ray task: the same subprocess as the local backend, on whichever node Ray picks."""
+    import ray
     proc = popen(cmd, log_path, env, attempt)
     try:
-        while proc.poll() is None:  # not proc.wait(): ray.cancel's KeyboardInterrupt must get through
+        while proc.poll() is None:
             time.sleep(0.5)
+            if ray.get(stop.get.remote()):
+                interrupt([proc])
         return proc.returncode
-    except BaseException:  # ray.cancel() raises KeyboardInterrupt here: let the script save its summary
+    except BaseException:  # the worker is being shut down: let the script save its summary
         interrupt([proc])
         raise
 
@@ -264,9 +319,10 @@ class Ray:
         if __name__ != "__main__":  # imported (tests): ship the task by value, workers may not find this module
             ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self.task = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_retries=0)(ray_task)
+        self.stop_flag = ray.remote(num_cpus=0)(StopFlag).remote()
 
     def start(self, cmd, log_path, attempt):
-        return self.task.remote(cmd, log_path, {"PYTHONUNBUFFERED": "1"}, attempt)
+        return self.task.remote(cmd, log_path, {"PYTHONUNBUFFERED": "1"}, attempt, self.stop_flag)
 
     def wait(self, handles, timeout):
         ready, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
@@ -279,45 +335,72 @@ class Ray:
         return ended
 
     def stop(self, handles):
-        for ref in handles:
-            self.ray.cancel(ref)
+        self.stop_flag.set.remote()
         if handles:
             self.ray.wait(handles, num_returns=len(handles), timeout=40)
 
 
-def clear_outputs(run_dir):
-    """Remove what an earlier attempt left (the log stays, appended), so curves never mix attempts."""
+def clear_outputs(run_dir, resume=False):
+    """Remove what an earlier attempt left (the log stays, appended), so curves never mix attempts. A resumed
+    run keeps its events, summary and checkpoint: the script purges the events logged after the checkpoint."""
+    drop = {"reproduce_failed.json"} if resume else {"summary.json", "checkpoint.pt", "postmortem.pt", "error.txt",
+                                                     "model.pt", "reproduce_failed.json"}
     for f in os.listdir(run_dir):
-        if f.startswith("events.out.tfevents") or f in ("summary.json", "postmortem.pt", "error.txt", "model.pt",
-                                                         "reproduce_failed.json"):
+        if f in drop or (not resume and f.startswith("events.out.tfevents")):
             os.remove(os.path.join(run_dir, f))
 
 
-def execute(runs, backend, workers, exp_dir, steps, cuda, n_total):
-    """Run `runs` `workers` at a time; a run that does not end completed/exploded is tried once more,
-    then reported as failed. Returns the failed runs; raises KeyboardInterrupt after stopping the children."""
+def try_lock(path):
+    """An exclusive lock on `path`, held until the returned file is closed; None if another process holds it."""
+    f = open(path, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except OSError:
+        f.close()
+        return None
+
+
+def execute(runs, backend, workers, store, cuda, n_total):
+    """Run `runs` `workers` at a time, each continued from its checkpoint if it has one; a run that does not
+    end completed/exploded is tried once more from scratch, then reported as failed. A run another process
+    holds is skipped. Returns the failed runs; raises KeyboardInterrupt after stopping the children."""
     queue = [(run, 1) for run in runs]
-    running, failed = {}, []
+    running, locks, failed = {}, {}, []
     n_done, n_ended, t0 = n_total - len(runs), 0, time.time()
     try:
         while queue or running:
             while queue and len(running) < workers:
                 run, attempt = queue.pop(0)
-                run_dir = os.path.join(exp_dir, run["name"])
-                os.makedirs(run_dir, exist_ok=True)
-                clear_outputs(run_dir)
-                cmd = command(run, steps, exp_dir, cuda)
+                run_dir = os.path.join(store, run["id"])
+                if attempt == 1:
+                    os.makedirs(run_dir, exist_ok=True)
+                    # the run may also be in an experiment that another `reproduce.py run` is running
+                    lock = try_lock(os.path.join(run_dir, ".lock"))
+                    if lock is None:
+                        print(f"skipped   {run['id']}: running elsewhere (another `reproduce.py run`)", flush=True)
+                        continue
+                    if outcome(run_dir)[0] in DONE:  # finished elsewhere since we looked
+                        lock.close()
+                        n_done += 1
+                        continue
+                    locks[run["id"]] = lock
+                resume = attempt == 1 and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+                clear_outputs(run_dir, resume)
+                cmd = [sys.executable, script(run["algo"]), "--resume", run_dir] if resume else \
+                    command(run, store, cuda)
                 running[backend.start(cmd, os.path.join(run_dir, "train.log"), attempt)] = (run, attempt, time.time())
             for handle, code in backend.wait(list(running), timeout=1.0):
                 run, attempt, started = running.pop(handle)
-                run_dir = os.path.join(exp_dir, run["name"])
+                run_dir = os.path.join(store, run["id"])
                 summary = read_json(os.path.join(run_dir, "summary.json")) or {}
                 status = summary.get("status")
                 if status not in DONE and attempt < 2:
-                    print(f"retrying {run['name']}: exit code {code}, status {status} (log: {run_dir}/train.log)",
-                          flush=True)
+                    print(f"retrying {run['id']} from scratch: exit code {code}, status {status} "
+                          f"(log: {run_dir}/train.log)", flush=True)
                     queue.append((run, attempt + 1))
                     continue
+                locks.pop(run["id"]).close()
                 n_ended += 1
                 if status in DONE:
                     n_done += 1
@@ -332,12 +415,12 @@ def execute(runs, backend, workers, exp_dir, steps, cuda, n_total):
                 elapsed = time.time() - t0
                 left = len(queue) + len(running)
                 eta = duration(elapsed / n_ended * left) if left else "0s"
-                print(f"[{n_done}/{n_total}] {result} {run['name']} in {duration(time.time() - started)}"
+                print(f"[{n_done}/{n_total}] {result} {run['id']} in {duration(time.time() - started)}"
                       f" (final return {'N/A' if final is None else f'{final:.1f}'}) | elapsed {duration(elapsed)},"
                       f" ETA {eta}", flush=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: stopping {len(running)} running runs (they save 'interrupted' summaries) ...",
-              file=sys.stderr, flush=True)
+        print(f"\ninterrupted: stopping {len(running)} running runs (they save 'interrupted' summaries and "
+              f"checkpoints) ...", file=sys.stderr, flush=True)
         try:
             backend.stop(list(running))
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
@@ -345,48 +428,50 @@ def execute(runs, backend, workers, exp_dir, steps, cuda, n_total):
                 for p in running:
                     p.kill()
         raise
+    finally:
+        for lock in locks.values():
+            lock.close()
     return failed
 
 
 def cmd_run(exp, opts):
     exp_dir = os.path.abspath(os.path.join(opts.out, exp))
     os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, ".lock"), "w") as lock:
-        try:  # two `run`s of one experiment would start the same runs twice
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            die(f"another `reproduce.py run` is using {exp_dir}")
+    lock = try_lock(os.path.join(exp_dir, ".lock")) or die(f"another `reproduce.py run` is using {exp_dir}")
+    with lock:
         return run_grid(exp, exp_dir, opts)
 
 
 def run_grid(exp, exp_dir, opts):
     seeds, steps = resolve(exp, opts)
-    runs = runs_of(exp, seeds, opts.only)
-    states = [outcome(os.path.join(exp_dir, r["name"])) for r in runs]
-    # results of another budget would be averaged together with these: refuse
-    other = {s.get("args", {}).get("total_timesteps") for st, s in states if st in DONE} - {None, steps}
-    if other:
-        die(f"{exp_dir} holds runs of --total-timesteps {sorted(other)}, not {steps}: use another --out")
+    runs = runs_of(exp, seeds, steps, opts.only)
+    store = os.path.abspath(os.path.join(opts.out, "runs"))
     with open(os.path.join(exp_dir, "grid.json"), "w") as f:
         json.dump({"seeds": seeds, "total_timesteps": steps}, f)
-    todo = [r for r, (st, _) in zip(runs, states) if st not in DONE]
+    todo = [r for r in runs if outcome(os.path.join(store, r["id"]))[0] not in DONE]
     workers = opts.workers or (len(todo) if opts.backend == "ray" else 1)  # ray: its resources decide
-    print(f"{exp}: {len(runs)} runs ({steps:,} steps, seeds {seed_list(seeds)}), {len(runs) - len(todo)} already done, "
-          f"{len(todo)} to run, {workers} at a time ({opts.backend}); logs in {exp_dir}", flush=True)
+    print(f"{exp}: {len(runs)} runs ({steps:,} steps, seeds {seed_list(seeds)}), "
+          f"{sum(bool(r['shared']) for r in runs)} shared with other experiments, {len(runs) - len(todo)} already "
+          f"done, {len(todo)} to run, {workers} at a time ({opts.backend}); runs in {store}", flush=True)
     if not todo:
         return 0
     backend = Ray(opts.cuda) if opts.backend == "ray" else Local(workers)
     try:
-        failed = execute(todo, backend, max(1, workers), exp_dir, steps, opts.cuda, len(runs))
+        failed = execute(todo, backend, max(1, workers), store, opts.cuda, len(runs))
     except KeyboardInterrupt:
-        n = sum(outcome(os.path.join(exp_dir, r["name"]))[0] in DONE for r in runs)
+        n = sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
         print(f"{n}/{len(runs)} runs done; run the same command again to resume", file=sys.stderr)
         return 130
     if failed:
         print(f"{len(failed)} runs FAILED twice (see each train.log; the report counts them as failed):")
         for r in failed:
-            print(f"  {os.path.join(exp_dir, r['name'], 'train.log')}")
+            print(f"  {os.path.join(store, r['id'], 'train.log')}")
         return 1
+    n = sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
+    if n < len(runs):
+        print(f"{n}/{len(runs)} runs done; {len(runs) - n} are running elsewhere (another `reproduce.py run`): "
+              f"run again once it ends")
+        return 0
     print(f"all {len(runs)} runs done; `python reproduce.py report {exp} --out {opts.out}` writes the report")
     return 0
 
@@ -448,10 +533,11 @@ def resolve(exp, opts):
 def cmd_report(exp, opts):
     spec = EXPERIMENTS[exp]
     exp_dir = os.path.join(opts.out, exp)
+    store = os.path.join(opts.out, "runs")
     seeds, steps = resolve(exp, opts)
-    runs = runs_of(exp, seeds, opts.only)
+    runs = runs_of(exp, seeds, steps, opts.only)
     for r in runs:
-        r["outcome"], r["summary"] = outcome(os.path.join(exp_dir, r["name"]))
+        r["outcome"], r["summary"] = outcome(os.path.join(store, r["id"]))
     groups = {}
     for r in runs:
         groups.setdefault(r["group"], []).append(r)
@@ -473,7 +559,7 @@ def cmd_report(exp, opts):
              f"Paper: 5 seeds, step budget not stated (our default: {STEPS:,}). "
              f"Other hyperparameters: the scripts' defaults (paper Tables 3, 4)"
              f"{'; ' + ', '.join(fixed) if fixed else ''}.", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M')} from `{exp_dir}`.", ""]
+             f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{store}`.", ""]
     header = ["algo", "env", *varying]
     for i, name in enumerate(["final return", "max return", "explosion rate"]):
         header += [name] + (["paper"] if i in has else [])  # the paper's number beside ours, where it has one
@@ -505,20 +591,20 @@ def cmd_report(exp, opts):
               "value (a summary holds null once the ratio overflowed to inf). Runs C/E/F/M: "
               "completed / exploded / failed (status error, or failed twice under reproduce.py) / missing "
               "(not started, interrupted or still running).", ""]
-    figures, why = plot(exp, runs, exp_dir, spec.get("tags", STABILITY))
+    os.makedirs(exp_dir, exist_ok=True)
+    figures, why = plot(runs, exp_dir, store, spec.get("tags", STABILITY))
     lines += ["## Figures", ""]
     lines += [f"![{f}]({f})" for f in figures] if figures else [f"Figures skipped: {why}."]
     lines += ["", "## Runs", "",
-              "| run | status | steps | final return | max return | explosion step | max log10 ratio |",
-              "|---|---|---|---|---|---|---|"]
+              "| run | also in | status | steps | final return | max return | explosion step | max log10 ratio |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
         status = r["outcome"] if r["outcome"] != "failed" else f"**FAILED** ({s.get('status')}; see train.log)"
-        lines.append(f"| {r['name']} | {status} | {num(s.get('global_step'), '{:,}')} | {num(s.get('final_return'))} | "
-                     f"{num(s.get('max_return'))} | {num(s.get('explosion_step'), '{:,}')} | "
-                     f"{num(s.get('max_log10_ratio'), '{:.3g}')} |")
+        lines.append(f"| {r['id']} | {', '.join(r['shared']) or '—'} | {status} | "
+                     f"{num(s.get('global_step'), '{:,}')} | {num(s.get('final_return'))} | {num(s.get('max_return'))} | "
+                     f"{num(s.get('explosion_step'), '{:,}')} | {num(s.get('max_log10_ratio'), '{:.3g}')} |")
     path = os.path.join(exp_dir, "report.md")
-    os.makedirs(exp_dir, exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[: lines.index("## Figures")]))
@@ -555,7 +641,7 @@ def on_grid(series, n=200):
     return xs, ys
 
 
-def plot(exp, runs, exp_dir, tags):
+def plot(runs, exp_dir, store, tags):
     """learning_curves.png (mean and min-max over seeds per group) and stability.png (each run, log-x so the
     early explosions show; x marks where a run exploded). Returns (files, why none)."""
     try:
@@ -565,13 +651,13 @@ def plot(exp, runs, exp_dir, tags):
     except ImportError:
         return [], "matplotlib is not installed (pip install matplotlib, the 'plot' extra)"
     try:
-        data = {r["name"]: scalars(os.path.join(exp_dir, r["name"]), ["charts/episodic_return"] + tags)
-                for r in runs if os.path.isdir(os.path.join(exp_dir, r["name"]))}
+        data = {r["id"]: scalars(os.path.join(store, r["id"]), ["charts/episodic_return"] + tags)
+                for r in runs if os.path.isdir(os.path.join(store, r["id"]))}
     except ImportError:
         return [], "tensorboard is not installed"
     if not any(data.values()):
         return [], "no TensorBoard logs yet"
-    envs = list(dict.fromkeys(r["env"] for r in runs if data.get(r["name"])))  # panels with data only
+    envs = list(dict.fromkeys(r["env"] for r in runs if data.get(r["id"])))  # panels with data only
     # a line's label: its algo and the flags that vary between the lines of one panel (one env)
     keys = {k for e in envs for k in dict.fromkeys(k for r in runs for k in r["flags"])
             if len({fmt(r["flags"].get(k)) for r in runs if r["env"] == e}) > 1}
@@ -584,7 +670,7 @@ def plot(exp, runs, exp_dir, tags):
     for ax, env in zip(axes[0], envs):
         for group in dict.fromkeys(r["group"] for r in runs if r["env"] == env):
             series = [(d[0], moving_average(d[1])) for r in runs if r["group"] == group
-                      for d in [data.get(r["name"], {}).get("charts/episodic_return")] if d is not None and len(d[0])]
+                      for d in [data.get(r["id"], {}).get("charts/episodic_return")] if d is not None and len(d[0])]
             if not series:
                 continue
             xs, ys = on_grid(series)
@@ -609,7 +695,7 @@ def plot(exp, runs, exp_dir, tags):
             if r["env"] != env:
                 continue
             for i, tag in enumerate(tags):
-                d = data.get(r["name"], {}).get(tag)
+                d = data.get(r["id"], {}).get(tag)
                 if d is None or not len(d[0]):
                     continue
                 col, lab = colors[label[r["group"]]], label[r["group"]]
@@ -672,14 +758,15 @@ def main(argv=None):
             cmd_report(exp, opts)
             continue
         seeds, steps = resolve(exp, opts)
-        runs = runs_of(exp, seeds, opts.only)
-        log_dir = os.path.join(opts.out, exp)
-        n_done = sum(outcome(os.path.join(log_dir, r["name"]))[0] in DONE for r in runs)
+        runs = runs_of(exp, seeds, steps, opts.only)
+        store = os.path.join(opts.out, "runs")
+        n_done = sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
         print(f"# {exp} ({EXPERIMENTS[exp]['paper']}): {len(runs)} runs, {steps:,} steps, seeds {seed_list(seeds)}, "
-              f"{n_done} done")
+              f"{sum(bool(r['shared']) for r in runs)} shared with other experiments, {n_done} done")
         for r in runs:
-            cmd = command(r, steps, log_dir, opts.cuda)
-            print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]))
+            cmd = command(r, store, opts.cuda)
+            also = f"  # also in {', '.join(r['shared'])}" if r["shared"] else ""
+            print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]) + also)
     return 0
 
 

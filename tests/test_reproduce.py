@@ -1,6 +1,7 @@
-"""reproduce.py: the grids, resume after a kill, retries, the report's numbers and figures, the Ray
-backend, and one tiny real experiment. Training is replaced by tests/data/stub_runner.py except in
-the last test."""
+"""reproduce.py: the grids and run ids, shared runs, locks, resume after a kill, retries, the report's
+numbers and figures, the Ray backend, and one tiny real experiment. Training is replaced by
+tests/data/stub_runner.py except in the last test."""
+import fcntl
 import importlib.util
 import json
 import os
@@ -46,13 +47,30 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def calls(out, exp, name):
-    path = os.path.join(out, exp, name, "calls.txt")
-    return len(read(path).splitlines()) if os.path.exists(path) else 0
+def run_dir(out, run_id):
+    return os.path.join(out, "runs", run_id)
 
 
-def status(out, exp, name):
-    return (reproduce.read_json(os.path.join(out, exp, name, "summary.json")) or {}).get("status")
+def ids(exp, seeds, steps=reproduce.STEPS, only=()):
+    return [r["id"] for r in reproduce.runs_of(exp, seeds, steps, only)]
+
+
+def argvs(out, run_id):
+    """The stub's argv of each call of the run."""
+    path = os.path.join(run_dir(out, run_id), "calls.txt")
+    return [line.split()[1:] for line in read(path).splitlines()] if os.path.exists(path) else []
+
+
+def calls(out, run_id):
+    return len(argvs(out, run_id))
+
+
+def event_files(out, run_id):
+    return [f for f in os.listdir(run_dir(out, run_id)) if f.startswith("events.out.tfevents")]
+
+
+def status(out, run_id):
+    return (reproduce.read_json(os.path.join(run_dir(out, run_id), "summary.json")) or {}).get("status")
 
 
 def flags_of(cmd):
@@ -81,30 +99,33 @@ EXPECTED = {  # experiment: (runs at 5 seeds, algos, envs)
     "shifted-mean": (15, {"ppo", "cpg", "vpg"}, {"Humanoid-v4"}),
     "logprob-at": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
     "logprob-at-shifted": (20, {"ppo", "cpg"}, {"Humanoid-v4"}),
+    "squash": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
 }
 
 
 def values(exp, flag):
-    return {tuple(flags_of(reproduce.command(r, 1000, "out"))[flag]) for r in reproduce.runs_of(exp, [1])}
+    """The values of `flag` on the experiment's command lines (the default where it is left off)."""
+    default = reproduce.flag_args(flag, reproduce.DEFAULTS[flag])[1:]
+    return {tuple(flags_of(reproduce.command(r, "out")).get(flag, default)) for r in reproduce.runs_of(exp, [1], 1000)}
 
 
 def test_grid_contents():
     assert set(reproduce.EXPERIMENTS) == set(EXPECTED)
     for exp, (n, algos, envs) in EXPECTED.items():
-        runs = reproduce.runs_of(exp, [1, 2, 3, 4, 5])
+        runs = reproduce.runs_of(exp, [1, 2, 3, 4, 5], 1234)
         assert len(runs) == n, exp
-        assert len({r["name"] for r in runs}) == n, exp  # names unique
+        assert len({r["name"] for r in runs}) == len({r["id"] for r in runs}) == n, exp  # unique
         assert {r["algo"] for r in runs} == algos and {r["env"] for r in runs} == envs, exp
         for r in runs:
-            cmd = reproduce.command(r, 1234, "/o", cuda=True)
+            cmd = reproduce.command(r, "/o", cuda=True)
             f = flags_of(cmd)
             assert cmd[0] == sys.executable and cmd[1].endswith(f"{r['algo']}_continuous.py")
             assert f["env-id"] == [r["env"]] and f["seed"] == [str(r["seed"])] and f["total-timesteps"] == ["1234"]
-            assert f["log-dir"] == ["/o"] and f["run-name"] == [r["name"]] and f["cuda"] == []
+            assert f["log-dir"] == ["/o"] and f["run-name"] == [r["id"]] and f["cuda"] == []
             assert r["name"].startswith(f"{r['algo']}__{r['env']}__") and r["name"].endswith(f"__s{r['seed']}")
             if exp not in ("small-nets", "optimizer-width"):  # the paper's per-env widths (Table 3)
-                assert f["policy-hidden"] == [str(w) for w in reproduce.WIDE[r["env"]]]
-            if "objective" in f:
+                assert f.get("policy-hidden", ["1024", "1024"]) == [str(w) for w in reproduce.WIDE[r["env"]]]
+            if "objective" in r["flags"]:
                 assert r["algo"] == "ppo"  # PPO-only flag
     assert values("mean-transform", "mean-transform") == {("clip",), ("tanh",), ("none",)}
     assert values("reward-scale", "reward-scale") == {("1",), ("0.1",), ("0.01",), ("0.001",)}
@@ -115,40 +136,79 @@ def test_grid_contents():
     assert values("optimizer-width", "optimizer") == {("adam",), ("sgd",)}
     assert values("optimizer-width", "policy-hidden") == {("64",), ("256",), ("1024",)}
     assert values("logprob-at", "logprob-at") == {("clipped",), ("raw",)}
-    assert [r["name"] for r in reproduce.runs_of("vpg", [1, 2], only=["Walker2d", "s2"])] == \
-        ["vpg__Walker2d-v4__policy-hidden=1024-1024__s2"]
+    assert values("squash", "squash") == {("none",), ("tanh",)} and values("squash", "policy-hidden") == {("1024",)}
+    assert ids("vpg", [1, 2], 1000, only=["Walker2d", "s2"]) == ["vpg__Walker2d-v4__1k__s2"]
+
+
+def test_run_ids_name_effective_command_lines():
+    """One id per effective command line: the same run in several experiments is one run, with its budget."""
+    assert [reproduce.budget(n) for n in (1_000_000, 3_000_000, 200_000, 20_000, 2500, 1)] == \
+        ["1M", "3M", "200k", "20k", "2500", "1"]
+    lines = {}
+    for exp in reproduce.EXPERIMENTS:
+        for steps in (2000, 1_000_000):
+            for r in reproduce.runs_of(exp, [1, 2], steps):
+                cmd = reproduce.command(r, "/o")
+                lines.setdefault(r["id"], set()).add(tuple(cmd[:cmd.index("--run-name")]))
+    assert all(len(cmds) == 1 for cmds in lines.values())  # one command line per id
+    assert len({c for cmds in lines.values() for c in cmds}) == len(lines)  # and one id per command line
+    hopper = "ppo__Hopper-v4__policy-hidden=1024__1M__s1"  # the default PPO Hopper [1024] run
+    homes = {exp: r for exp in reproduce.EXPERIMENTS for r in reproduce.runs_of(exp, [1], reproduce.STEPS)
+             if r["id"] == hopper}
+    assert set(homes) == {"mean-transform", "reward-scale", "large-nets", "optimizer-width", "logprob-at", "squash"}
+    assert [homes[e]["flags"][k] for e, k in [("mean-transform", "mean-transform"), ("reward-scale", "reward-scale"),
+                                               ("logprob-at", "logprob-at"), ("squash", "squash")]] == \
+        ["none", 1.0, "clipped", "none"]
+    assert homes["squash"]["shared"] == ["mean-transform", "reward-scale", "large-nets", "optimizer-width",
+                                         "logprob-at"]
+    assert ids("squash", [2], 20_000) == ["ppo__Hopper-v4__policy-hidden=1024__20k__s2",
+                                          "ppo__Hopper-v4__policy-hidden=1024__squash=tanh__20k__s2",
+                                          "cpg__Hopper-v4__policy-hidden=1024__20k__s2",
+                                          "cpg__Hopper-v4__policy-hidden=1024__squash=tanh__20k__s2"]
+    assert ids("shifted-mean", [1], 2500)[0] == ids("constraints", [1], 2500)[0] == \
+        "ppo__Humanoid-v4__mean-shift=100__2500__s1"
+
+
+def load_args(algo):
+    spec = importlib.util.spec_from_file_location(f"_{algo}_script", os.path.join(ROOT, f"{algo}_continuous.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines Args, trains nothing
+    return module.Args
 
 
 @pytest.mark.skipif(not HAVE_SCRIPTS, reason="training scripts not present")
 def test_commands_parse_with_the_scripts_own_args():
-    """Every distinct command shape parses with the real scripts' tyro Args into the intended values."""
+    """DEFAULTS are the scripts' defaults, and every distinct command shape parses with the real scripts'
+    tyro Args into the intended values."""
     import tyro
-    modules = {}
-    for a in ALGOS:
-        spec = importlib.util.spec_from_file_location(f"_{a}_script", os.path.join(ROOT, f"{a}_continuous.py"))
-        modules[a] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[a])  # not __main__: defines Args, trains nothing
+    args_of = {a: load_args(a) for a in ALGOS}
+    for a, Args in args_of.items():
+        for k, v in reproduce.DEFAULTS.items():
+            if a == "ppo" or k != "objective":  # --objective is PPO's alone
+                assert reproduce.fmt(getattr(Args(), k.replace("-", "_"))) == reproduce.fmt(v), (a, k)
     for exp in reproduce.EXPERIMENTS:
-        for r in reproduce.runs_of(exp, [3]):
-            cmd = reproduce.command(r, 5000, "/tmp/x", cuda=False)
+        for r in reproduce.runs_of(exp, [3], 5000):
+            cmd = reproduce.command(r, "/tmp/x", cuda=False)
             assert cmd[1] == os.path.join(ROOT, f"{r['algo']}_continuous.py")
-            args = tyro.cli(modules[r["algo"]].Args, args=cmd[2:])
+            args = tyro.cli(args_of[r["algo"]], args=cmd[2:])
             assert (args.env_id, args.seed, args.total_timesteps) == (r["env"], 3, 5000)
-            assert (args.log_dir, args.run_name) == ("/tmp/x", r["name"])
+            assert (args.log_dir, args.run_name) == ("/tmp/x", r["id"])
             for k, v in r["flags"].items():
                 got = getattr(args, k.replace("-", "_"))
                 assert (list(got) if k == "policy-hidden" else got) == v, (exp, k)
 
 
-def test_list_cli_and_bad_names(tmp_path):
+def test_list_cli_and_bad_names(tmp_path, capsys):
     out = subprocess.run([sys.executable, REPRO, "list", "reward-scale", "--seeds", "2", "--out", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("# reward-scale (Table 6): 8 runs, 1,000,000 steps, seeds 1,2")
-    cmds = [shlex.split(line) for line in lines[1:]]
+    assert lines[0] == "# reward-scale (Table 6): 8 runs, 1,000,000 steps, seeds 1,2, 2 shared with other " \
+                       "experiments, 0 done"
+    cmds = [shlex.split(line, comments=True) for line in lines[1:]]
     assert len(cmds) == 8 and all(c[:2] == ["python", "ppo_continuous.py"] for c in cmds)
     assert flags_of(cmds[2])["reward-scale"] == ["0.1"] and flags_of(cmds[2])["seed"] == ["1"]
+    assert "reward-scale" not in flags_of(cmds[0])  # 1 is the default
     listed = subprocess.run([sys.executable, REPRO, "list", "all", "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT)
     assert sum(line.startswith("python ") for line in listed.stdout.splitlines()) == sum(
@@ -159,57 +219,72 @@ def test_list_cli_and_bad_names(tmp_path):
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, argv
         assert "unknown experiment" in bad.stderr
 
+    reproduce.main(["list", "squash", "--seeds", "1", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("4 runs, 1,000,000 steps, seeds 1, 2 shared with other experiments, 0 done")
+    assert [line.partition("  # ")[2] for line in lines[1:]] == [
+        "also in mean-transform, reward-scale, large-nets, optimizer-width, logprob-at", "",
+        "also in large-nets, logprob-at", ""]
+
 
 # ----------------------------------------------------------------------------------------------- run
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_resume_after_kill(stubs, tmp_path, sig):
-    """Kill `run` mid-grid: children save 'interrupted', finished runs are never rerun, the rest are."""
+    """Kill `run` mid-grid: children save 'interrupted' and their checkpoints, finished runs are never rerun,
+    the interrupted ones are continued with --resume, keeping their event files."""
     out = str(tmp_path / "out")
     exp = "reward-scale"
-    names = [r["name"] for r in reproduce.runs_of(exp, [1, 2])]
+    names = ids(exp, [1, 2])
     fast, slow, later = names[:2], names[2:4], names[4:]  # grid order: scale 1, 0.1, 0.01, 0.001
     env = {**os.environ, "STUB_PLAN": json.dumps({"reward-scale=0.1__": "sleep"}), "STUB_SLEEP": "60"}
     cmd = [sys.executable, REPRO, "run", exp, "--seeds", "2", "--workers", "2", "--out", out]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          preexec_fn=default_sigint)
     deadline = time.time() + 30
-    while not all(status(out, exp, n) == "running" for n in slow):
+    while not all(status(out, n) == "running" for n in slow):
         assert time.time() < deadline and p.poll() is None, "the slow runs never started"
         time.sleep(0.1)
     p.send_signal(sig)
     log = p.communicate(timeout=60)[0]
     assert p.returncode == 130, log
     assert "[1/8] completed" in log and "[2/8] completed" in log and "to resume" in log
-    assert [status(out, exp, n) for n in fast + slow] == ["completed"] * 2 + ["interrupted"] * 2
-    pids = [int(read(out, exp, n, "calls.txt").split()[0]) for n in slow]
+    assert [status(out, n) for n in fast + slow] == ["completed"] * 2 + ["interrupted"] * 2
+    pids = [int(read(run_dir(out, n), "calls.txt").split()[0]) for n in slow]
     for pid in pids:  # the children were stopped, not orphaned
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert all(calls(out, exp, n) == 0 for n in later)
+    assert all(calls(out, n) == 0 for n in later)
 
     done = subprocess.run(cmd, env={**env, "STUB_PLAN": "{}"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 already done, 6 to run" in done.stdout and "[8/8]" in done.stdout and "ETA" in done.stdout
-    assert [calls(out, exp, n) for n in names] == [1, 1, 2, 2, 1, 1, 1, 1]
-    assert all(status(out, exp, n) == "completed" for n in names)
-    log = read(out, exp, slow[0], "train.log")  # both attempts' output, appended
+    assert [calls(out, n) for n in names] == [1, 1, 2, 2, 1, 1, 1, 1]
+    assert all(status(out, n) == "completed" for n in names)
+    for n in slow:  # continued from the checkpoint, the first attempt's curves kept
+        assert argvs(out, n)[1] == ["--resume", run_dir(out, n)] and len(event_files(out, n)) == 2
+    log = read(run_dir(out, slow[0]), "train.log")  # both attempts' output, appended
     assert log.count("attempt 1:") == 2 and "stub sleep call 1" in log and "stub complete call 2" in log
     assert "stub stderr line" in log
 
 
 def test_retry_once_then_failed_and_reported(stubs, tmp_path, monkeypatch, capsys):
+    """A failed attempt is retried once from scratch (no event files of the failed attempt left); a later
+    `run` continues a failed run from its checkpoint, and a resume that fails is retried from scratch."""
     out = str(tmp_path / "out")
-    hop, walk, hum = (r["name"] for r in reproduce.runs_of("vpg", [1]))
-    monkeypatch.setenv("STUB_PLAN", json.dumps({"Hopper": "error", "Walker2d": "error-once", "Humanoid": "crash"}))
+    hop, walk, hum = ids("vpg", [1], 3000)
+    monkeypatch.setenv("STUB_PLAN", json.dumps({"Hopper": ["error", "error", "complete"],
+                                                "Walker2d": ["error", "complete"],
+                                                "Humanoid": ["crash", "crash", "error", "complete"]}))
     assert reproduce.main(["run", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "3000"]) == 1
     text = capsys.readouterr().out
-    assert [calls(out, "vpg", n) for n in (hop, walk, hum)] == [2, 2, 2]  # each retried exactly once
+    assert [calls(out, n) for n in (hop, walk, hum)] == [2, 2, 2]  # each retried exactly once
+    assert all("--resume" not in argv for n in (hop, walk, hum) for argv in argvs(out, n))
+    assert [len(event_files(out, n)) for n in (hop, walk, hum)] == [1, 1, 1]
     assert text.count("retrying") == 3 and text.count("FAILED") >= 2 and "2 runs FAILED twice" in text
     assert f"FAILED    {hop}" in text and f"FAILED    {hum}" in text and f"completed {walk}" in text
-    assert [reproduce.outcome(os.path.join(out, "vpg", n))[0] for n in (hop, walk, hum)] == \
-        ["failed", "completed", "failed"]
-    marker = json.loads(read(out, "vpg", hum, "reproduce_failed.json"))
+    assert [reproduce.outcome(run_dir(out, n))[0] for n in (hop, walk, hum)] == ["failed", "completed", "failed"]
+    marker = json.loads(read(run_dir(out, hum), "reproduce_failed.json"))
     assert marker["attempts"] == 2 and marker["exit_code"] == 1 and marker["status"] == "running"
 
     reproduce.main(["report", "vpg", "--out", out])  # budget and seeds from the last run
@@ -218,21 +293,66 @@ def test_retry_once_then_failed_and_reported(stubs, tmp_path, monkeypatch, capsy
         in report
     assert report.count("| 0/0/1/0 |") == 2 and "| 1/0/0/0 |" in report and report.count("**FAILED**") == 2
 
-    monkeypatch.setenv("STUB_PLAN", "{}")  # a later run retries the failed ones, never the finished one
+    # a later run continues the failed ones from their checkpoints, never the finished one
     assert reproduce.main(["run", "vpg", "--out", out]) == 0
-    assert [calls(out, "vpg", n) for n in (hop, walk, hum)] == [3, 2, 3]
-    assert not os.path.exists(os.path.join(out, "vpg", hum, "reproduce_failed.json"))
-    assert all(reproduce.outcome(os.path.join(out, "vpg", n))[0] == "completed" for n in (hop, walk, hum))
+    assert [calls(out, n) for n in (hop, walk, hum)] == [3, 2, 4]
+    assert argvs(out, hop)[2] == ["--resume", run_dir(out, hop)] and len(event_files(out, hop)) == 2
+    assert argvs(out, hum)[2] == ["--resume", run_dir(out, hum)]  # failed: retried from scratch
+    assert "--resume" not in argvs(out, hum)[3] and len(event_files(out, hum)) == 1
+    assert not os.path.exists(os.path.join(run_dir(out, hop), "reproduce_failed.json"))
+    assert all(reproduce.outcome(run_dir(out, n))[0] == "completed" for n in (hop, walk, hum))
 
 
-def test_refuses_to_mix_budgets(stubs, tmp_path):
+def test_budgets_never_mix(stubs, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert reproduce.main(["run", "vpg", "--seeds", "1", "--only", "Hopper", "--out", out,
                            "--total-timesteps", "1000"]) == 0
-    with pytest.raises(SystemExit) as e:
-        reproduce.main(["run", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "2000"])
-    assert e.value.code == 2
-    assert calls(out, "vpg", reproduce.runs_of("vpg", [1])[0]["name"]) == 1
+    assert reproduce.main(["run", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "2000"]) == 0
+    assert "0 already done, 3 to run" in capsys.readouterr().out
+    assert [calls(out, n) for n in ids("vpg", [1], 1000) + ids("vpg", [1], 2000)] == [1, 0, 0, 1, 1, 1]
+    reproduce.main(["report", "vpg", "--out", out, "--total-timesteps", "1000"])
+    assert "3 runs: 1 completed, 0 exploded, 0 failed, 2 missing" in read(out, "vpg", "report.md")
+
+
+def test_shared_runs_are_trained_once(stubs, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert reproduce.main(["run", "reward-scale", "--seeds", "1", "--only", "reward-scale=1__", "--out", out]) == 0
+    assert reproduce.main(["run", "squash", "--seeds", "1", "--out", out]) == 0
+    assert "4 runs (1,000,000 steps, seeds 1), 2 shared with other experiments, 1 already done, 3 to run" \
+        in capsys.readouterr().out
+    assert reproduce.main(["run", "large-nets", "--seeds", "1", "--only", "Hopper", "--out", out]) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().out
+    assert [calls(out, n) for n in ids("squash", [1])] == [1, 1, 1, 1]
+    assert sorted(os.listdir(out)) == ["large-nets", "reward-scale", "runs", "squash"]
+    assert len(os.listdir(os.path.join(out, "runs"))) == 4
+    reproduce.main(["report", "large-nets", "--out", out])
+    assert "6 runs: 2 completed" in read(out, "large-nets", "report.md")
+
+
+def hold(path):
+    """Lock `path` as another `reproduce.py run` would."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_locks(stubs, tmp_path, capsys):
+    """A second `run` of an experiment is refused; a run that another `run` holds is skipped, not failed."""
+    out = str(tmp_path / "out")
+    with hold(os.path.join(out, "vpg", ".lock")):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["run", "vpg", "--seeds", "1", "--out", out])
+        assert e.value.code == 2
+    hop, walk, hum = ids("vpg", [1])
+    assert not os.path.exists(os.path.join(out, "runs"))
+    with hold(os.path.join(run_dir(out, walk), ".lock")):
+        assert reproduce.main(["run", "vpg", "--seeds", "1", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert f"skipped   {walk}: running elsewhere" in text and "2/3 runs done; 1 are running elsewhere" in text
+    assert [calls(out, n) for n in (hop, walk, hum)] == [1, 0, 1]
+    assert reproduce.main(["run", "vpg", "--out", out]) == 0
+    assert [calls(out, n) for n in (hop, walk, hum)] == [1, 1, 1]
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -255,8 +375,8 @@ def test_on_grid_handles_runs_of_different_lengths():
     assert np.allclose(reproduce.moving_average([1, 2, 3, 4], w=2), [1, 1.5, 2.5, 3.5])
 
 
-def write_summary(out, exp, name, **fields):
-    d = os.path.join(out, exp, name)
+def write_summary(out, run_id, **fields):
+    d = run_dir(out, run_id)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "summary.json"), "w") as f:
         json.dump({"args": {"total_timesteps": 5000}, "max_log10_ratio": 0.5, **fields}, f)
@@ -265,36 +385,36 @@ def write_summary(out, exp, name, **fields):
 
 def test_report_numbers_and_figures(tmp_path):
     out, exp = str(tmp_path), "reward-scale"
-    runs = {(r["flags"]["reward-scale"], r["seed"]): r["name"] for r in reproduce.runs_of(exp, [1, 2, 3, 4, 5])}
+    runs = {(r["flags"]["reward-scale"], r["seed"]): r["id"] for r in reproduce.runs_of(exp, [1, 2, 3, 4, 5], 5000)}
     for s, m in zip(range(1, 6), [1000, 1100, 900, 1200, 800]):  # scale 1: all explode
-        write_summary(out, exp, runs[1.0, s], status="exploded", max_return=m, final_return=3.0,
+        write_summary(out, runs[1.0, s], status="exploded", max_return=m, final_return=3.0,
                       explosion_step=1000 * s, max_log10_ratio=38.0)
     for s, f in zip(range(1, 5), [100, 200, 300, 400]):  # scale 0.1: four complete, one explodes
-        write_summary(out, exp, runs[0.1, s], status="completed", final_return=f, max_return=f + 10)
-    write_summary(out, exp, runs[0.1, 5], status="exploded", final_return=50, max_return=60, explosion_step=7000)
+        write_summary(out, runs[0.1, s], status="completed", final_return=f, max_return=f + 10)
+    write_summary(out, runs[0.1, 5], status="exploded", final_return=50, max_return=60, explosion_step=7000)
     for s, f in zip(range(1, 4), [10, 20, 60]):  # scale 0.01: three complete, one error, one missing
-        write_summary(out, exp, runs[0.01, s], status="completed", final_return=f, max_return=f)
-    write_summary(out, exp, runs[0.01, 4], status="error", final_return=1.0, max_return=1.0)
+        write_summary(out, runs[0.01, s], status="completed", final_return=f, max_return=f)
+    write_summary(out, runs[0.01, 4], status="error", final_return=1.0, max_return=1.0)
 
     from torch.utils.tensorboard import SummaryWriter
     for seed, n_steps in ((1, 5), (2, 2)):  # two runs of different lengths
-        w = SummaryWriter(os.path.join(out, exp, runs[0.1, seed]))
+        w = SummaryWriter(run_dir(out, runs[0.1, seed]))
         for i in range(1, n_steps + 1):
             w.add_scalar("charts/episodic_return", 10.0 * i + seed, 1000 * i)
             for tag in reproduce.STABILITY:
                 w.add_scalar(tag, 0.1 * i, 1000 * i)
         w.close()
-    w = SummaryWriter(os.path.join(out, exp, runs[1.0, 1]))  # an exploded run: inf at the end
+    w = SummaryWriter(run_dir(out, runs[1.0, 1]))  # an exploded run: inf at the end
     w.add_scalar("stability/max_log10_ratio", 2.0, 1000)
     w.add_scalar("stability/max_log10_ratio", float("inf"), 2000)
     w.close()
-    got = reproduce.scalars(os.path.join(out, exp, runs[0.1, 1]), ["charts/episodic_return", "not/there"])
+    got = reproduce.scalars(run_dir(out, runs[0.1, 1]), ["charts/episodic_return", "not/there"])
     assert list(got) == ["charts/episodic_return"]
     assert np.allclose(got["charts/episodic_return"][0], [1000, 2000, 3000, 4000, 5000])
     assert np.allclose(got["charts/episodic_return"][1], [11, 21, 31, 41, 51])
 
     def rows(scale):
-        return [reproduce.outcome(os.path.join(out, exp, runs[scale, s])) for s in range(1, 6)]
+        return [reproduce.outcome(run_dir(out, runs[scale, s])) for s in range(1, 6)]
 
     st = reproduce.group_stats(rows(0.1))
     assert st["count"] == {"completed": 4, "exploded": 1, "failed": 0, "missing": 0}
@@ -339,23 +459,23 @@ def test_report_numbers_and_figures(tmp_path):
 def test_ray_backend(stubs, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     out = str(tmp_path / "out")
-    monkeypatch.setenv("STUB_PLAN", json.dumps({"Walker2d": "error-once", "Humanoid": "explode"}))
+    monkeypatch.setenv("STUB_PLAN", json.dumps({"Walker2d": ["error", "complete"], "Humanoid": "explode"}))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # workers inherit STUB_PLAN
     try:
         assert reproduce.main(["run", "vpg", "--seeds", "2", "--backend", "ray", "--out", out]) == 0
-        names = [r["name"] for r in reproduce.runs_of("vpg", [1, 2])]
-        assert [calls(out, "vpg", n) for n in names] == [1, 1, 2, 2, 1, 1]  # Walker2d retried once
-        assert [status(out, "vpg", n) for n in names] == ["completed"] * 4 + ["exploded"] * 2
+        names = ids("vpg", [1, 2])
+        assert [calls(out, n) for n in names] == [1, 1, 2, 2, 1, 1]  # Walker2d retried once
+        assert [status(out, n) for n in names] == ["completed"] * 4 + ["exploded"] * 2
         assert reproduce.main(["run", "vpg", "--backend", "ray", "--out", out]) == 0  # resume: nothing to do
-        assert [calls(out, "vpg", n) for n in names] == [1, 1, 2, 2, 1, 1]
+        assert [calls(out, n) for n in names] == [1, 1, 2, 2, 1, 1]
     finally:
         ray.shutdown()
 
 
 def test_ray_backend_interrupted(stubs, tmp_path):
-    """Ctrl-C on `run --backend ray` (its own local Ray: RAY_ADDRESS unset) cancels the tasks, whose
-    children save 'interrupted' summaries."""
+    """Ctrl-C on `run --backend ray` (its own local Ray: RAY_ADDRESS unset) stops the tasks, whose children
+    save 'interrupted' summaries, while other tasks are ending (Ray's own ray.cancel crashed there)."""
     pytest.importorskip("ray")
     out = str(tmp_path / "out")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -363,15 +483,15 @@ def test_ray_backend_interrupted(stubs, tmp_path):
     p = subprocess.Popen([sys.executable, REPRO, "run", "vpg", "--seeds", "1", "--backend", "ray", "--out", out],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          preexec_fn=default_sigint)
-    hop = reproduce.runs_of("vpg", [1])[0]["name"]
+    hop = ids("vpg", [1])[0]
     deadline = time.time() + 60
-    while status(out, "vpg", hop) != "running":
+    while status(out, hop) != "running":
         assert time.time() < deadline and p.poll() is None, "the Ray task never started"
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     log = p.communicate(timeout=60)[0]
     assert p.returncode == 130, log
-    assert status(out, "vpg", hop) == "interrupted" and "to resume" in log
+    assert status(out, hop) == "interrupted" and "to resume" in log
 
 
 # ------------------------------------------------------------------------------- real, end to end
@@ -385,8 +505,8 @@ def test_end_to_end_shifted_mean(tmp_path):
            "--workers", "2", "--out", out]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    ppo, cpg, vpg = (r["name"] for r in reproduce.runs_of("shifted-mean", [1]))
-    assert [status(out, "shifted-mean", n) for n in (ppo, cpg, vpg)] == ["exploded", "completed", "completed"]
+    ppo, cpg, vpg = ids("shifted-mean", [1], 2000)
+    assert [status(out, n) for n in (ppo, cpg, vpg)] == ["exploded", "completed", "completed"]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "3 already done, 0 to run" in again.stdout
     rep = subprocess.run([sys.executable, REPRO, "report", "shifted-mean", "--out", out],

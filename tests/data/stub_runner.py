@@ -1,11 +1,14 @@
 """A fast stand-in for ppo/cpg/vpg_continuous.py in the reproduce.py tests: the flags reproduce.py
-passes, the same summary.json statuses and exit codes, no training.
+passes, the same summary.json statuses, exit codes, checkpoint and --resume rules, no training.
 
 Behaviour by run name: STUB_PLAN is JSON {substring of the run name: behaviour}, behaviour one of
 complete (default), sleep (STUB_SLEEP seconds, then complete; SIGINT/SIGTERM: interrupted, 130),
-explode (3), error (1), error-once (error on the first call, then complete), crash (exit 1 with the
-summary left at 'running', like a killed process). Every call appends its pid and argv to
-{run dir}/calls.txt, which the tests count.
+explode (3), error (1), crash (exit 1 with the summary left at 'running', like a killed process), or a
+list of these, one per call (the last repeats): ["error", "complete"] fails once.
+Every call appends its pid and argv to {run dir}/calls.txt, which the tests count, and starts a new
+TensorBoard event file, as SummaryWriter does. A fresh run writes checkpoint.pt (its argv) at once, as
+the scripts do at their first iteration, and removes it when it completes; `--resume RUN_DIR` (no other
+flag) continues from it, refused with exit 2 when the run is finished or has no checkpoint.
 """
 import argparse
 import json
@@ -15,21 +18,43 @@ import sys
 import time
 
 p = argparse.ArgumentParser()
-for flag in ("--log-dir", "--run-name", "--env-id"):
+for flag in ("--log-dir", "--run-name", "--env-id", "--resume"):
     p.add_argument(flag)
 p.add_argument("--seed", type=int)
 p.add_argument("--total-timesteps", type=int)
 args, _ = p.parse_known_args()
-run_dir = os.path.join(args.log_dir, args.run_name)
+resume = args.resume
+
+
+def status_of(run_dir):
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)["status"]
+    except OSError:
+        return None
+
+
+if resume:
+    if len(sys.argv) != 3 or status_of(resume) in ("completed", "exploded") or not os.path.exists(
+            os.path.join(resume, "checkpoint.pt")):
+        print(f"error: cannot resume: {' '.join(sys.argv[1:])}, status {status_of(resume)}", file=sys.stderr)
+        sys.exit(2)
+    with open(os.path.join(resume, "checkpoint.pt")) as f:
+        args, _ = p.parse_known_args(json.load(f))
+run_dir = resume or os.path.join(args.log_dir, args.run_name)
 os.makedirs(run_dir, exist_ok=True)
 with open(os.path.join(run_dir, "calls.txt"), "a") as f:
     f.write(f"{os.getpid()} {' '.join(sys.argv[1:])}\n")
 with open(os.path.join(run_dir, "calls.txt")) as f:
     n_calls = len(f.readlines())
+open(os.path.join(run_dir, f"events.out.tfevents.{time.time():.0f}.stub.{os.getpid()}"), "w").close()
+if not resume:
+    with open(os.path.join(run_dir, "checkpoint.pt"), "w") as f:
+        json.dump(sys.argv[1:], f)
 plan = json.loads(os.environ.get("STUB_PLAN") or "{}")
-behaviour = next((b for key, b in plan.items() if key in args.run_name), "complete")
-if behaviour == "error-once":
-    behaviour = "error" if n_calls == 1 else "complete"
+behaviour = next((b for key, b in plan.items() if key in os.path.basename(run_dir)), "complete")
+if isinstance(behaviour, list):
+    behaviour = behaviour[min(n_calls, len(behaviour)) - 1]
 
 
 def summary(status, step, **fields):
@@ -60,6 +85,7 @@ if behaviour == "sleep":
     behaviour = "complete"
 if behaviour == "complete":
     summary("completed", args.total_timesteps)
+    os.remove(os.path.join(run_dir, "checkpoint.pt"))
     sys.exit(0)
 if behaviour == "explode":
     summary("exploded", 1000, explosion_step=1000, final_return=None)
