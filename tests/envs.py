@@ -31,6 +31,27 @@ class CounterEnv(gym.Env):
         return np.array([self.t, self.episode], dtype=np.float32)
 
 
+class StaggeredCounterEnv(CounterEnv):
+    """A Counter that never terminates and truncates its episodes itself after 2 + seed % 3 steps: in a
+    vector env seeded with s, env i ends its episodes at its own steps, apart from env 0's."""
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.limit = 2 + seed % 3
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        self.t += 1
+        return self._obs(), 1.0, False, self.t == self.limit, {}
+
+
+class LopsidedCounterEnv(CounterEnv):
+    """A Counter with an asymmetric action box whose upper edge low + (high - low) / 2 * 2 overshoots
+    in float32."""
+
+    action_space = gym.spaces.Box(np.array([-0.4, -2.0]), np.array([0.7, 3.0]), dtype=np.float32)
+
+
 class NonFiniteEnv(CounterEnv):
     """A Counter whose observation turns NaN at its fifth step: a broken simulator."""
 
@@ -38,5 +59,16 @@ class NonFiniteEnv(CounterEnv):
         return np.array([np.nan if self.t == 5 else self.t, 0.0], dtype=np.float32)
 
 
+class NonFiniteRewardEnv(CounterEnv):
+    """A Counter whose reward is infinite at its third step."""
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, np.inf if self.t == 3 else 1.0, terminated, truncated, info
+
+
 gym.register("Counter-v0", entry_point=CounterEnv, max_episode_steps=4)
+gym.register("StaggeredCounter-v0", entry_point=StaggeredCounterEnv)
+gym.register("LopsidedCounter-v0", entry_point=LopsidedCounterEnv, max_episode_steps=4)
 gym.register("NonFinite-v0", entry_point=NonFiniteEnv, max_episode_steps=100)
+gym.register("NonFiniteReward-v0", entry_point=NonFiniteRewardEnv, max_episode_steps=100)

@@ -1,8 +1,11 @@
 """The three training scripts: data correctness, telemetry, explosions, and bad input."""
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -35,6 +38,12 @@ SUMMARY_FIELDS = [
 ]
 # the paper's central experiment (Appendix A.2): the mean shifted far outside Humanoid's action box
 SHIFTED_HUMANOID = ["--env-id", "Humanoid-v4", "--mean-shift", "100", "--policy-hidden", "1024", "1024"]
+# three envs that truncate their episodes after 2, 3 and 4 steps; two iterations of 32 steps each
+STAGGERED = ["--env-id", "tests.envs:StaggeredCounter-v0", "--num-envs", 3, "--num-steps", 32, "--minibatch-size", 32,
+             "--total-timesteps", 192, *TINY]
+# rewards x1000 keep every advantage of a run this short positive (the critic is still near 0), so the
+# clipped ratio is min(r, 1 + eps); lr 1e-2 moves ratios past 1 + eps within the epochs
+POSITIVE_ADVANTAGES = ["--reward-scale", 1000, "--learning-rate", 0.01]
 
 
 def load_script(name):
@@ -48,6 +57,20 @@ def run(script, *args, cwd=ROOT, timeout=300, script_dir=ROOT):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, str(Path(script_dir) / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def main(script, *args):
+    """Run a script's command line in this process, for exits before training (no start-up cost): its exit
+    code and stderr. The SIGTERM handler is put back, should a missed check start the run."""
+    handler, argv, stderr = signal.getsignal(signal.SIGTERM), sys.argv, io.StringIO()
+    sys.argv = [script, *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, handler)
+    return exit_info.value.code, stderr.getvalue()
 
 
 def summary_of(run_dir):
@@ -106,6 +129,29 @@ def test_rollout_respects_episode_boundaries(script):
     assert advantages[3] == pytest.approx(1 + 0.9 * 4 - 3)  # last step of a truncated episode
     assert advantages[5] == pytest.approx(1 - 11)  # terminated: no bootstrap
     assert advantages[4] == pytest.approx(1 + 0.9 * 11 - 10 + 0.9 * 0.8 * advantages[5])
+
+
+def test_rollout_bootstraps_each_envs_own_truncations(script):
+    sys.path.insert(0, str(ROOT))
+    module = load_script(script)
+    args = module.Args(env_id="tests.envs:StaggeredCounter-v0", num_envs=3, num_steps=6, policy_hidden=(8,),
+                       value_hidden=(8,), total_timesteps=18, minibatch_size=18)
+    envs = module.make_envs(args, "unused")
+    agent = module.Agent(2, envs.single_action_space.low, envs.single_action_space.high, args)
+    agent.get_value = lambda obs: obs[..., 0] + 10 * obs[..., 1]  # V(t, episode) = t + 10 * episode
+    episodes = []
+    next_obs, _ = envs.reset(seed=0)
+    batch, rollout, next_obs, step = module.collect_rollout(
+        envs, agent, next_obs, args, torch.device("cpu"), 0, lambda *episode: episodes.append(episode))
+    envs.close()
+    # env i truncates after limit = 2 + i steps, alone or with others: transition s of env i is step
+    # s % limit + 1 of episode s // limit, and reaches the state of that value (its final observation at
+    # a truncation, not the reset one)
+    steps, limits = np.arange(6)[:, None], np.array([2, 3, 4])
+    np.testing.assert_array_equal(rollout["episode_ends"], steps % limits == limits - 1)
+    np.testing.assert_array_equal(rollout["next_values"], steps % limits + 1 + 10 * (steps // limits))
+    assert not rollout["terminations"].any()
+    assert sorted(length for _, _, length in episodes) == [2, 2, 2, 3, 3, 4] and step == 18
 
 
 def test_closed_form_kl_matches_torch():
@@ -185,6 +231,8 @@ def test_ppo_explodes_with_a_shifted_mean_and_the_postmortem_replays(tmp_path):
     assert "EXPLODED" in result.stdout
     summary = summary_of(tmp_path / "ppo")
     assert summary["status"] == "exploded" and summary["exploded"]
+    # the overflowed ratio of a positive advantage is clipped out of the loss, but not of its gradient
+    assert summary["explosion_reason"] == "non-finite gradient norm"
     assert summary["explosion_step"] <= 2000 and summary["nonfinite_updates"] == 1
     postmortem = tmp_path / "ppo" / "postmortem.pt"
     saved = torch.load(postmortem, weights_only=False)
@@ -221,17 +269,20 @@ def test_skip_mode_counts_and_goes_on(tmp_path):
     (["--minibatch-size", "2000"], "larger than the rollout"),
     (["--learning-rate", "0"], "--learning-rate"),
     (["--learning-rate", "-1e-3"], "--learning-rate"),
+    (["--learning-rate", "inf"], "--learning-rate"),
     (["--clip-coef", "0"], "--clip-coef"),
+    (["--clip-coef", "1"], "--clip-coef"),
     (["--min-std", "1", "--init-std", "0.5"], "--init-std"),
     (["--total-timesteps", "10"], "smaller than one rollout"),
     pytest.param(["--cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    result = run("ppo_continuous.py", *args, "--log-dir", tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+def test_bad_input_is_one_line_and_exit_2(script, args, message, tmp_path):
+    # a check that is missed trains for one tiny iteration here, and fails on its exit code
+    code, stderr = main(script, *TINY, "--total-timesteps", 1000, *args, "--log-dir", tmp_path)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
     assert not any(tmp_path.iterdir())  # nothing started
 
 
@@ -241,13 +292,106 @@ def test_bad_input_in_cpg_and_vpg_too(tmp_path):
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_nonfinite_environment_is_not_an_explosion(tmp_path):
-    result = run("ppo_continuous.py", "--env-id", "tests.envs:NonFinite-v0", *TINY, "--num-steps", 50,
+@pytest.mark.parametrize("env_id", ["tests.envs:NonFinite-v0", "tests.envs:NonFiniteReward-v0"])
+def test_nonfinite_environment_is_not_an_explosion(env_id, tmp_path):
+    result = run("ppo_continuous.py", "--env-id", env_id, *TINY, "--num-steps", 50,
                  "--total-timesteps", 100, "--minibatch-size", 10, "--log-dir", tmp_path, "--run-name", "nan")
     assert result.returncode == 1
-    assert "non-finite observation" in result.stderr and "Traceback" not in result.stderr
+    assert "non-finite observation or reward" in result.stderr and "Traceback" not in result.stderr
     summary = summary_of(tmp_path / "nan")
     assert summary["status"] == "error" and not summary["exploded"] and "non-finite" in summary["error"]
+    error = (tmp_path / "nan" / "error.txt").read_text()
+    assert "EnvNonFinite" in error and "non-finite observation or reward" in error
+
+
+def test_nonfinite_reason_names_what_went_wrong(script):
+    module = load_script(script)
+    finite, broken = [torch.ones(2), torch.ones(3)], [torch.ones(2), torch.tensor([1.0, math.inf, 1.0])]
+    assert module.nonfinite_reason(torch.tensor(math.nan), broken) == "non-finite parameter"
+    assert module.nonfinite_reason(torch.tensor(math.inf), finite) == "non-finite loss"
+    assert module.nonfinite_reason(torch.tensor(1.0), finite) == "non-finite gradient norm"
+
+
+def test_overflowing_parameters_are_the_explosion_reason(tmp_path):
+    # an SGD step of lr 1e300 takes the parameters to inf; the next minibatch finds them so
+    result = run("ppo_continuous.py", "--env-id", "tests.envs:Counter-v0", *TINY, "--num-steps", 32,
+                 "--minibatch-size", 16, "--total-timesteps", 64, "--optimizer", "sgd", "--learning-rate", 1e300,
+                 "--log-dir", tmp_path, "--run-name", "inf")
+    assert result.returncode == 3, result.stderr
+    summary = summary_of(tmp_path / "inf")
+    assert summary["status"] == "exploded" and summary["explosion_reason"] == "non-finite parameter"
+
+
+def completed_run(script, *args, run_dir):
+    """Train to the end and return the run's scalars, after checking they are all finite."""
+    result = run(script, *args, "--log-dir", run_dir.parent, "--run-name", run_dir.name)
+    assert result.returncode == 0, result.stderr
+    assert summary_of(run_dir)["status"] == "completed"
+    scalars = scalars_of(run_dir)
+    assert not [tag for tag, values in scalars.items() if not np.isfinite(values).all()]
+    return scalars
+
+
+@pytest.mark.parametrize("script_name", ["ppo_continuous.py", "cpg_continuous.py"])
+def test_clipped_and_raw_ratio_scaled_rewards_annealed_lr_three_envs(script_name, tmp_path):
+    run_dir = tmp_path / "run"
+    scalars = completed_run(script_name, *STAGGERED, *POSITIVE_ADVANTAGES, "--anneal-lr", run_dir=run_dir)
+    # with every advantage positive the objective's ratio is min(r, 1 + eps): clipped, while the raw
+    # ratio goes past it
+    clipped, raw = scalars["stability/max_log10_ratio"], scalars["stability/max_log10_ratio_raw"]
+    assert min(raw) > math.log10(1.2)
+    assert clipped == pytest.approx([math.log10(1.2)] * 2, rel=1e-6)
+    assert summary_of(run_dir)["max_log10_ratio"] == pytest.approx(max(clipped))
+    # the advantages are of rewards x1000, the logged returns of the env's own reward of 1 per step
+    assert min(scalars["stability/mean_abs_advantage"]) > 100
+    assert scalars["charts/episodic_return"] == scalars["charts/episodic_length"]
+    # 64 steps in each env, whose episodes last 2, 3 and 4 steps
+    assert set(scalars["charts/episodic_length"]) == {2, 3, 4}
+    assert summary_of(run_dir)["episodes"] == 64 // 2 + 64 // 3 + 64 // 4
+    assert scalars["charts/learning_rate"] == pytest.approx([0.01, 0.005])
+
+
+@pytest.mark.parametrize("script_name,flags,unclipped,mean_transform", [
+    ("ppo_continuous.py", [*POSITIVE_ADVANTAGES, "--objective", "kl-penalty", "--std-param", "exp",
+                           "--mean-transform", "clip"], True, "clip"),
+    ("ppo_continuous.py", [*POSITIVE_ADVANTAGES, "--objective", "none", "--target-kl", 0.01], True, None),
+    ("vpg_continuous.py", ["--norm-adv", "--optimizer", "sgd", "--learning-rate", 0.1, "--mean-transform", "tanh"],
+     False, "tanh"),
+])
+def test_flags_train_and_take_effect(script_name, flags, unclipped, mean_transform, tmp_path):
+    scalars = completed_run(script_name, *STAGGERED, "--mean-shift", 5, *flags, run_dir=tmp_path / "run")
+    if unclipped:  # these objectives use the ratio as it is
+        assert scalars["stability/max_log10_ratio"] == scalars["stability/max_log10_ratio_raw"]
+        assert min(scalars["stability/max_log10_ratio_raw"]) > math.log10(1.2)
+    if mean_transform:  # the shifted mean (about 5) is mapped into the box [-1, 1]
+        assert max(scalars["stability/max_abs_mean"]) <= 1 and max(scalars["stability/frac_mean_outside"]) == 0
+    else:
+        assert min(scalars["stability/frac_mean_outside"]) == 1
+
+
+def test_minibatch_loss_follows_objective_and_norm_adv():
+    module = load_script("ppo_continuous.py")
+    gen = torch.Generator().manual_seed(0)
+    args = module.Args(policy_hidden=(8,), value_hidden=(8,), kl_coef=0.5)
+    agent = module.Agent(3, np.full(2, -1.0), np.full(2, 1.0), args)
+    mb = {"obs": torch.randn(16, 3, generator=gen), "actions": torch.randn(16, 2, generator=gen),
+          "old_means": torch.randn(16, 2, generator=gen), "old_std": torch.full((16, 2), 0.8),
+          "advantages": torch.randn(16, generator=gen) + 0.5, "returns": torch.randn(16, generator=gen)}
+    mb["logprobs"] = module.gaussian_log_prob(mb["actions"], mb["old_means"], mb["old_std"])
+    with torch.no_grad():
+        mean, std = agent.mean(mb["obs"]), agent.std()
+        ratio = (module.gaussian_log_prob(mb["actions"], mean, std) - mb["logprobs"]).exp()
+        kl = module.gaussian_kl(mean, std, mb["old_means"], mb["old_std"]).mean()
+        for norm_adv in [False, True]:
+            adv = mb["advantages"]
+            if norm_adv:
+                adv = (adv - adv.mean()) / adv.std(correction=0)
+            expected = {"clip": -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean(),
+                        "none": -(ratio * adv).mean(), "kl-penalty": -(ratio * adv).mean() + 0.5 * kl}
+            for objective, loss in expected.items():
+                args.objective, args.norm_adv = objective, norm_adv
+                pg_loss = module.minibatch_loss(agent, mb, args, module.surrogate)[1]
+                torch.testing.assert_close(pg_loss, loss, msg=f"{objective} norm_adv={norm_adv}")
 
 
 def test_interrupt_leaves_summary_and_logs(tmp_path):
