@@ -49,7 +49,7 @@ class LopsidedCounterEnv(CounterEnv):
     """A Counter with an asymmetric action box whose upper edge low + (high - low) / 2 * 2 overshoots
     in float32."""
 
-    action_space = gym.spaces.Box(np.array([-0.4, -2.0]), np.array([0.7, 3.0]), dtype=np.float32)
+    action_space = gym.spaces.Box(np.array([-0.4, -2.0], np.float32), np.array([0.7, 3.0], np.float32))
 
 
 class NonFiniteEnv(CounterEnv):
