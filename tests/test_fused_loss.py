@@ -292,6 +292,25 @@ def test_backend_choice_and_info(ext, monkeypatch):
     assert F.backend_info() == "reference (FUSED_LOSS_BACKEND=reference)"
 
 
+def test_backend_info_names_the_devices_and_why_cuda_is_missing(monkeypatch):
+    # a built state, set by hand: load_extension then builds nothing, so any device list can be shown
+    state = F._new_state()
+    state.path, state.devices = "/ext", ("cpu", "cuda")
+    monkeypatch.setattr(F, "_state", state)
+    monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
+    assert F.backend_info() == "extension (cpu, cuda, built in /ext)"
+    state.devices, state.cuda_error = ("cpu",), "OSError: no nvcc"
+    assert F.backend_info() == "extension (cpu, built in /ext; no CUDA kernel: OSError: no nvcc)"
+
+
+def test_build_error_is_one_line_with_the_compiler_error():
+    build = RuntimeError("Error building extension 'stable_pg'\nsurrogate.cpp:9: error: 'x' was not declared\n"
+                         "ninja: build stopped: subcommand failed.")
+    assert F._describe(build) == "RuntimeError: Error building extension 'stable_pg' ... surrogate.cpp:9: error: 'x' was not declared"
+    assert F._describe(OSError("")) == "OSError: "
+    assert F._describe(ValueError(f"{'a' * 300}\n  ERROR {'b' * 300}")) == f"ValueError: {'a' * 200} ... ERROR {'b' * 194}"
+
+
 def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
     def no_compiler():
         raise RuntimeError("Error checking compiler version for c++\nmore detail")
@@ -312,6 +331,8 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='extension' is unavailable.*compiler"):
         F.surrogate(new, old, adv, EPS, "ppo", backend="extension")
     monkeypatch.setenv("FUSED_LOSS_BACKEND", "extension")
+    assert F.backend_info() == ("unavailable (FUSED_LOSS_BACKEND=extension, but the extension build failed: "
+                                "RuntimeError: Error checking compiler version for c++)")
     with pytest.raises(RuntimeError, match="unavailable"):
         F.surrogate(new, old, adv, EPS, "ppo")
     with pytest.raises(RuntimeError, match="extension build failed: RuntimeError: Error checking compiler"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_loss as F
-from tests.test_fused_loss import DTYPES, EPSS, assert_matches, run
+from tests.test_fused_loss import DTYPES, EPSS, assert_matches, edge_case, run
 from tests.test_training import load_script
 
 SCRIPT_KINDS = [("ppo_continuous.py", "ppo"), ("ppo_continuous.py", "is"), ("cpg_continuous.py", "cpg"),
@@ -38,12 +38,17 @@ def scripts():
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("script, kind", SCRIPT_KINDS, ids=[f"{s[:3]}-{k}" for s, k in SCRIPT_KINDS])
 def test_script_surrogate_matches_the_reference(scripts, script, kind, dtype, eps):
-    # two batches: an overflow makes the loss NaN, which would hide a wrong term in the rest of its sum
-    for log_ratios in [INSIDE + OUTSIDE, OVERFLOW[dtype]]:
-        new, old, adv = grid(log_ratios, dtype)
+    # batches apart: an overflow or a NaN input makes the loss NaN, which would hide a wrong term in the
+    # rest of its sum; "bounds" has log-ratios on the clip bounds and the clip_frac thresholds to the ulp
+    batches = [grid(INSIDE + OUTSIDE, dtype), grid(OVERFLOW[dtype], dtype), edge_case("bounds", dtype, eps),
+               edge_case("nonfinite", dtype, eps)]
+    stats = []
+    for new, old, adv in batches:
         ref = run(F.surrogate_reference, new, old, adv, kind, eps=eps)
         assert_matches(ref, run(scripts[script].surrogate, new, old, adv, kind, eps=eps))
-    assert ref[2]["n_overflow"].item() == 2 * len(ADVS)  # the overflow rows really overflow
+        stats.append(ref[2])
+    assert stats[1]["n_overflow"].item() == 2 * len(ADVS)  # the overflow rows really overflow
+    assert stats[3]["n_nonfinite"].item() > 0
 
 
 def by_hand(new, old, adv, eps, kind):
