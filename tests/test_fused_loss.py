@@ -243,12 +243,16 @@ def test_bad_input_same_error_from_both_backends(ext, case):
     assert str(got.value) == str(ref.value) and "\n" not in str(ref.value)
 
 
-def test_bad_backend_names(monkeypatch):
-    with pytest.raises(ValueError, match="backend must be one of"):
+def test_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="^backend must be one of auto, extension, reference; got 'cuda'$"):
         F.surrogate(_t, _t, _t, EPS, "ppo", backend="cuda")
     monkeypatch.setenv("FUSED_LOSS_BACKEND", "fast")
-    with pytest.raises(ValueError, match="FUSED_LOSS_BACKEND"):
+    with pytest.raises(ValueError, match="^FUSED_LOSS_BACKEND must be one of auto, extension, reference; got 'fast'$"):
         F.surrogate(_t, _t, _t, EPS, "ppo")
+    monkeypatch.setenv("FUSED_LOSS_BACKEND", " Reference ")
+    assert F._requested("auto") == "reference"
+    monkeypatch.setenv("FUSED_LOSS_BACKEND", "")  # set but empty, as `FUSED_LOSS_BACKEND= cmd` leaves it
+    assert F._requested("auto") == "auto"
 
 
 # --- torch.library / torch.compile ----------------------------------------------------------------
