@@ -296,15 +296,35 @@ def test_backend_choice_and_info(ext, monkeypatch):
     assert F.backend_info() == "reference (FUSED_LOSS_BACKEND=reference)"
 
 
-def test_backend_info_names_the_devices_and_why_cuda_is_missing(monkeypatch):
-    # a built state, set by hand: load_extension then builds nothing, so any device list can be shown
+@pytest.fixture
+def built_state(monkeypatch):
+    """A built extension's state, set by hand: load_extension then builds nothing, and any device
+    list or CUDA failure can be posed in this process."""
     state = F._new_state()
-    state.path, state.devices = "/ext", ("cpu", "cuda")
+    state.path, state.devices = "/ext", ("cpu",)
     monkeypatch.setattr(F, "_state", state)
     monkeypatch.delenv("FUSED_LOSS_BACKEND", raising=False)
+    return state
+
+
+def test_backend_info_names_the_devices_and_why_cuda_is_missing(built_state):
+    built_state.devices = ("cpu", "cuda")
     assert F.backend_info() == "extension (cpu, cuda, built in /ext)"
-    state.devices, state.cuda_error = ("cpu",), "OSError: no nvcc"
+    built_state.devices, built_state.cuda_error = ("cpu",), "OSError: no nvcc"
     assert F.backend_info() == "extension (cpu, built in /ext; no CUDA kernel: OSError: no nvcc)"
+
+
+def test_a_device_without_a_kernel_gets_the_reference_and_the_reason(built_state):
+    assert F._use_extension("auto", torch.device("cpu"))
+    with pytest.warns(RuntimeWarning, match=r"using the reference surrogate \(no meta kernel was built\)"):
+        assert not F._use_extension("auto", torch.device("meta"))
+    with pytest.raises(RuntimeError, match="unavailable: no cuda kernel was built$"):
+        F._use_extension("extension", torch.device("cuda"))
+    built_state.cuda_error = "OSError: no nvcc"
+    with pytest.raises(RuntimeError, match="unavailable: its CUDA kernel did not build: OSError: no nvcc$"):
+        F._use_extension("extension", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="unavailable: no meta kernel was built$"):
+        F._use_extension("extension", torch.device("meta"))
 
 
 def test_build_error_is_one_line_with_the_compiler_error():
