@@ -77,10 +77,27 @@ def summary_of(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def scalars_of(run_dir):
+def scalars_of(run_dir, steps=False):
+    """Every scalar's values as TensorBoard shows them (purged events left out), with their steps if asked."""
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) if steps else e.value for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def interrupt(script, *args, after, signum=signal.SIGTERM):
+    """Run a script and send it `signum` once it has printed `iteration {after}/`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed = []
+    for line in process.stdout:
+        printed.append(line)
+        if line.startswith(f"iteration {after}/"):
+            process.send_signal(signum)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, "".join(printed) + stdout, stderr)
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)
@@ -395,15 +412,9 @@ def test_minibatch_loss_follows_objective_and_norm_adv():
 
 
 def test_interrupt_leaves_summary_and_logs(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "ppo_continuous.py"), *TINY, "--num-steps", "200", "--minibatch-size", "50",
-         "--log-dir", str(tmp_path), "--run-name", "int"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("iteration 2/"):
-            break
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    result = interrupt("ppo_continuous.py", *TINY, "--num-steps", 200, "--minibatch-size", 50,
+                       "--log-dir", tmp_path, "--run-name", "int", after=2, signum=signal.SIGINT)
+    assert result.returncode == 130
     summary = summary_of(tmp_path / "int")
     assert summary["status"] == "interrupted" and summary["global_step"] >= 400
     assert len(scalars_of(tmp_path / "int")["stability/max_log10_ratio"]) >= 2
