@@ -316,8 +316,10 @@ def test_backend_info_names_the_devices_and_why_cuda_is_missing(built_state):
 
 def test_a_device_without_a_kernel_gets_the_reference_and_the_reason(built_state):
     assert F._use_extension("auto", torch.device("cpu"))
-    with pytest.warns(RuntimeWarning, match=r"using the reference surrogate \(no meta kernel was built\)"):
-        assert not F._use_extension("auto", torch.device("meta"))
+    meta = torch.zeros(4, device="meta")
+    with pytest.warns(RuntimeWarning, match=r"using the reference surrogate \(no meta kernel was built\)") as caught:
+        assert F.surrogate(meta, meta, meta, EPS, "ppo")[0].device.type == "meta"
+    assert caught[0].filename == __file__  # the warning points at the caller of surrogate
     with pytest.raises(RuntimeError, match="unavailable: no cuda kernel was built$"):
         F._use_extension("extension", torch.device("cuda"))
     built_state.cuda_error = "OSError: no nvcc"
