@@ -316,10 +316,8 @@ def test_backend_info_names_the_devices_and_why_cuda_is_missing(built_state):
 
 def test_a_device_without_a_kernel_gets_the_reference_and_the_reason(built_state):
     assert F._use_extension("auto", torch.device("cpu"))
-    meta = torch.zeros(4, device="meta")
-    with pytest.warns(RuntimeWarning, match=r"using the reference surrogate \(no meta kernel was built\)") as caught:
-        assert F.surrogate(meta, meta, meta, EPS, "ppo")[0].device.type == "meta"
-    assert caught[0].filename == __file__  # the warning points at the caller of surrogate
+    with pytest.warns(RuntimeWarning, match=r"using the reference surrogate \(no meta kernel was built\)"):
+        assert not F._use_extension("auto", torch.device("meta"))
     with pytest.raises(RuntimeError, match="unavailable: no cuda kernel was built$"):
         F._use_extension("extension", torch.device("cuda"))
     built_state.cuda_error = "OSError: no nvcc"
@@ -335,6 +333,13 @@ def test_build_error_is_one_line_with_the_compiler_error():
     assert F._describe(build) == "RuntimeError: Error building extension 'stable_pg' ... surrogate.cpp:9: error: 'x' was not declared"
     assert F._describe(OSError("")) == "OSError: "
     assert F._describe(ValueError(f"{'a' * 300}\n  ERROR {'b' * 300}")) == f"ValueError: {'a' * 200} ... ERROR {'b' * 194}"
+
+
+def test_fallback_warning_points_at_the_caller_of_surrogate(built_state):
+    meta = torch.zeros(4, device="meta")
+    with pytest.warns(RuntimeWarning, match="no meta kernel was built") as caught:
+        assert F.surrogate(meta, meta, meta, EPS, "ppo")[0].device.type == "meta"
+    assert caught[0].filename == __file__
 
 
 def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
