@@ -1,4 +1,4 @@
-"""The three training scripts: data correctness, telemetry, explosions, and bad input."""
+"""The three training scripts: data correctness, telemetry, flags, explosions, and bad input."""
 import contextlib
 import importlib.util
 import io
