@@ -838,9 +838,9 @@ if __name__ == "__main__":
             if args.save_model:
                 torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
             write_summary("completed")
-            # nothing is left to resume
-            if os.path.exists(checkpoint_path):
-                os.remove(checkpoint_path)
+        # a completed or exploded run has nothing left to resume
+        if os.path.exists(checkpoint_path):
+            os.remove(checkpoint_path)
     except KeyboardInterrupt:
         # a second signal must not cut the checkpoint short
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -251,6 +251,7 @@ def test_ppo_explodes_with_a_shifted_mean_and_the_postmortem_replays(tmp_path):
     # the overflowed ratio of a positive advantage is clipped out of the loss, but not of its gradient
     assert summary["explosion_reason"] == "non-finite gradient norm"
     assert summary["explosion_step"] <= 2000 and summary["nonfinite_updates"] == 1
+    assert not (tmp_path / "ppo" / "checkpoint.pt").exists()  # an exploded run has nothing to resume
     postmortem = tmp_path / "ppo" / "postmortem.pt"
     saved = torch.load(postmortem, weights_only=False)
     assert int(saved["stats"]["n_overflow"]) > 0  # the ratio overflowed float32: the paper's mechanism
