@@ -120,19 +120,26 @@ def test_gae_hand_computed():
     np.testing.assert_allclose(returns[:, 0], [1.625, 2.0, 1.0])
 
 
-def test_rollout_respects_episode_boundaries(script):
+def counter_rollout(script, env_id, num_envs=1, num_steps=10, **args):
+    """One rollout of a tests.envs counter, with V(t, episode) = t + 10 * episode as the critic:
+    (batch, rollout, [(step, return, length) of each episode], global step)."""
     sys.path.insert(0, str(ROOT))
     module = load_script(script)
-    args = module.Args(env_id="tests.envs:Counter-v0", num_steps=10, policy_hidden=(8,), value_hidden=(8,),
-                       gamma=0.9, gae_lambda=0.8, total_timesteps=10, minibatch_size=10)
+    args = module.Args(env_id=env_id, num_envs=num_envs, num_steps=num_steps, policy_hidden=(8,), value_hidden=(8,),
+                       total_timesteps=num_envs * num_steps, minibatch_size=num_envs * num_steps, **args)
     envs = module.make_envs(args, "unused")
     agent = module.Agent(2, envs.single_action_space.low, envs.single_action_space.high, args)
-    agent.get_value = lambda obs: obs[..., 0] + 10 * obs[..., 1]  # V(t, episode) = t + 10 * episode
+    agent.get_value = lambda obs: obs[..., 0] + 10 * obs[..., 1]
     episodes = []
     next_obs, _ = envs.reset(seed=0)
     batch, rollout, next_obs, step = module.collect_rollout(
         envs, agent, next_obs, args, torch.device("cpu"), 0, lambda *episode: episodes.append(episode))
     envs.close()
+    return batch, rollout, episodes, step
+
+
+def test_rollout_respects_episode_boundaries(script):
+    batch, rollout, episodes, step = counter_rollout(script, "tests.envs:Counter-v0", gamma=0.9, gae_lambda=0.8)
     # episode 0 truncated after 4 steps, episode 1 terminated after 2, episode 2 truncated after 4
     assert batch["obs"][:, 0].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3]
     assert batch["obs"][:, 1].tolist() == [0, 0, 0, 0, 1, 1, 2, 2, 2, 2]
@@ -149,18 +156,7 @@ def test_rollout_respects_episode_boundaries(script):
 
 
 def test_rollout_bootstraps_each_envs_own_truncations(script):
-    sys.path.insert(0, str(ROOT))
-    module = load_script(script)
-    args = module.Args(env_id="tests.envs:StaggeredCounter-v0", num_envs=3, num_steps=6, policy_hidden=(8,),
-                       value_hidden=(8,), total_timesteps=18, minibatch_size=18)
-    envs = module.make_envs(args, "unused")
-    agent = module.Agent(2, envs.single_action_space.low, envs.single_action_space.high, args)
-    agent.get_value = lambda obs: obs[..., 0] + 10 * obs[..., 1]  # V(t, episode) = t + 10 * episode
-    episodes = []
-    next_obs, _ = envs.reset(seed=0)
-    batch, rollout, next_obs, step = module.collect_rollout(
-        envs, agent, next_obs, args, torch.device("cpu"), 0, lambda *episode: episodes.append(episode))
-    envs.close()
+    batch, rollout, episodes, step = counter_rollout(script, "tests.envs:StaggeredCounter-v0", num_envs=3, num_steps=6)
     # env i truncates after limit = 2 + i steps, alone or with others: transition s of env i is step
     # s % limit + 1 of episode s // limit, and reaches the state of that value (its final observation at
     # a truncation, not the reset one)
