@@ -105,19 +105,21 @@ def script(request):
     return request.param
 
 
-def test_gae_hand_computed():
-    module = load_script("ppo_continuous.py")
-    # three steps of one env: the second ends by truncation (bootstrap from its final observation,
-    # value 2.0), the third by termination (no bootstrap)
-    rewards = np.array([[1.0], [1.0], [1.0]])
-    values = np.array([[0.5], [0.5], [0.5]])
-    next_values = np.array([[0.5], [2.0], [0.5]])
-    terminations = np.array([[0.0], [0.0], [1.0]])
-    episode_ends = np.array([[0.0], [1.0], [1.0]])
+def test_gae_hand_computed(script):
+    module = load_script(script)
+    # three steps of two envs. Env 0: the second step ends by truncation (bootstrap from its final
+    # observation, value 2.0), the third by termination (no bootstrap). Env 1: the rollout cuts its
+    # episode short (bootstrap from the value 2.0 of the state it reached, nothing to accumulate past it)
+    rewards = np.ones((3, 2))
+    values = np.full((3, 2), 0.5)
+    next_values = np.array([[0.5, 0.5], [2.0, 0.5], [0.5, 2.0]])
+    terminations = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    episode_ends = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     advantages, returns = module.compute_gae(rewards, values, next_values, terminations, episode_ends, 0.5, 0.5)
-    # t=2: 1 - 0.5; t=1: 1 + 0.5 * 2.0 - 0.5 (no accumulation across the end); t=0: 0.75 + 0.25 * 1.5
-    np.testing.assert_allclose(advantages[:, 0], [1.125, 1.5, 0.5])
-    np.testing.assert_allclose(returns[:, 0], [1.625, 2.0, 1.0])
+    # env 0: t=2: 1 - 0.5; t=1: 1 + 0.5 * 2.0 - 0.5 (no accumulation across the end); t=0: 0.75 + 0.25 * 1.5
+    # env 1: t=2: 1 + 0.5 * 2.0 - 0.5; t=1: 0.75 + 0.25 * 1.5; t=0: 0.75 + 0.25 * 1.125
+    np.testing.assert_allclose(advantages, [[1.125, 1.03125], [1.5, 1.125], [0.5, 1.5]])
+    np.testing.assert_allclose(returns, advantages + 0.5)
 
 
 def counter_rollout(script, env_id, num_envs=1, num_steps=10, **args):
