@@ -19,6 +19,7 @@ import argparse
 import fcntl
 import itertools
 import json
+import logging
 import os
 import shlex
 import signal
@@ -617,6 +618,8 @@ def cmd_report(exp, opts):
 def scalars(run_dir, tags):
     """{tag: (steps, values)} from the run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    # a resumed run's events start by purging what it logged after its checkpoint: intended, not worth a warning
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0: keep every point
     acc.Reload()
     have = set(acc.Tags().get("scalars", []))
