@@ -18,6 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reproduce  # noqa: E402
+from tests.test_training import default_sigint  # noqa: E402
 
 REPRO = os.path.join(ROOT, "reproduce.py")
 STUB = os.path.join(ROOT, "tests", "data", "stub_runner.py")
@@ -40,11 +41,6 @@ def stubs(tmp_path, monkeypatch):
 def read(*parts):
     with open(os.path.join(*parts)) as f:
         return f.read()
-
-
-def default_sigint():
-    """In the child: Ctrl-C semantics even when the tests run in the background (SIGINT inherited ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_dir(out, run_id):

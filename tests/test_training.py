@@ -85,11 +85,16 @@ def scalars_of(run_dir, steps=False):
             for tag in events.Tags()["scalars"]}
 
 
+def default_sigint():
+    """In the child: Ctrl-C semantics even when the tests run in the background (SIGINT inherited ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(script, *args, after, signum=signal.SIGTERM):
     """Run a script and send it `signum` once it has printed `iteration {after}/`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     printed = []
     for line in process.stdout:
         printed.append(line)
