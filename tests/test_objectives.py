@@ -100,3 +100,15 @@ def test_reference_matches_the_paper_by_hand(kind, dtype, eps):
     for name, want in want_stats.items():
         assert stats[name].item() == pytest.approx(want, abs=tol["atol"], rel=tol["rtol"]), name
     assert 0 < want_stats["clip_frac"] < 1  # both branches were taken
+
+
+@pytest.mark.parametrize("script, kind", [("ppo_continuous.py", "ppo"), ("cpg_continuous.py", "cpg")])
+def test_effective_log_ratio_element_by_element(scripts, script, kind):
+    # one-element batches: over a batch the max hides a wrong branch taken for small log-ratios
+    cases = [(0.5, 0.0, math.log(1.2)), (0.5, 0.5, math.log(1.2)), (0.5, -1.0, 0.5), (-0.5, -1.0, math.log(0.8)),
+             (-0.5, 1.0, -0.5)]
+    for log_ratio, adv, want in cases:
+        for surrogate in (scripts[script].surrogate, F.surrogate_reference):
+            new, zero, advantage = (torch.tensor([x], dtype=torch.float64) for x in (log_ratio, 0.0, adv))
+            _, stats = surrogate(new, zero, advantage, 0.2, kind)
+            assert stats["max_log_ratio_effective"].item() == pytest.approx(want), (log_ratio, adv)
