@@ -136,6 +136,9 @@ class Args:
     """compute the surrogate with `fused_loss.surrogate` (needs fused_loss.py beside this script)"""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """on a non-finite loss, gradient or parameter: stop the run (postmortem) or skip the step"""
+    cuda_graphs: bool = True
+    """with --cuda: replay each minibatch's gradient step and each env step's policy mean as CUDA graphs
+    (--no-cuda-graphs: plain eager CUDA, to debug or compare)"""
 
 
 class BadArgument(Exception):
@@ -355,7 +358,7 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind):
 SURROGATE_KIND = {"clip": "ppo", "kl-penalty": "is", "none": "is"}
 
 
-def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode):
+def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_step, on_episode):
     """Run num_steps in every env. Only the mean network runs per step; values and log-probs of the
     whole rollout are computed in one batch afterwards, since the networks do not change in between.
     Returns the flattened batch, the rollout as [num_steps, num_envs] arrays (rewards, values,
@@ -378,7 +381,7 @@ def collect_rollout(envs, agent, next_obs, args, device, global_step, on_episode
         for step in range(num_steps):
             global_step += num_envs
             obs[step] = next_obs
-            mean = agent.mean(torch.as_tensor(obs[step], device=device)).cpu().numpy()
+            mean = policy_mean(obs[step])
             sample = mean + scaled_noise[step]
             if args.squash == "tanh":
                 # the clip only catches rounding at the box's edges
@@ -454,6 +457,99 @@ def minibatch_loss(agent, mb, args, surrogate_fn):
     return loss, pg_loss, v_loss, entropy, stats
 
 
+# what one minibatch step hands back, as one tensor: read from the device once per epoch, not per step
+STEP_RECORD = ("loss", "pg_loss", "v_loss", "entropy", "grad_norm", "nonfinite", "max_log_ratio", "min_log_ratio",
+               "max_log_ratio_effective", "clip_frac", "approx_kl", "n_nonfinite", "n_overflow")
+NONFINITE = STEP_RECORD.index("nonfinite")
+
+
+def prime_optimizer(optimizer, params):
+    """Allocate the gradients and the optimizer state before the first step, and return every tensor of
+    the training state: CUDA graphs write to fixed addresses, and an epoch is rolled back by copying in
+    place. The step is skipped (found_inf), so Adam's state is what its first real step would create."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.found_inf = torch.ones((), device=params[0].device)
+    optimizer.step()
+    return params + [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+def optimizer_step(optimizer, record):
+    # fused Adam and SGD skip the step on the device when found_inf is 1, as under AMP's GradScaler
+    optimizer.found_inf = record[NONFINITE]
+    optimizer.step()
+
+
+def capture(fn, *static_args):
+    """(graph, static output): fn(*static_args) captured in a CUDA graph; graph.replay() reruns it on what
+    the static arguments then hold. Capture needs fn's first-call allocations (autograd's, cuBLAS's) done
+    before, on a side stream."""
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(3):
+            fn(*static_args)
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_output = fn(*static_args)
+    return graph, static_output
+
+
+def make_gradient_step(agent, optimizer, args, surrogate_fn, graphed):
+    """gradient_step(minibatch, use_graph=graphed) -> STEP_RECORD tensor: zero the gradients, loss,
+    backward, clip. Nothing in it waits for the device; whether the step is finite stays a device tensor
+    for optimizer_step. graphed: the step of each minibatch size (1000 in minibatches of 64 leaves a last
+    one of 40) is captured once in a CUDA graph and replayed, one launch instead of hundreds, which is
+    what a GPU update of these small networks is bound by. The optimizer step stays outside the graph, so
+    the learning rate may change."""
+    params = list(agent.parameters())
+    max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+    graphs = {}  # minibatch size -> (static minibatch, graph, static record)
+
+    def eager(mb):
+        # graphs write the gradients in place, so these must stay the same tensors; else backward's own cost less
+        optimizer.zero_grad(set_to_none=not graphed)
+        loss, pg_loss, v_loss, entropy, stats = minibatch_loss(agent, mb, args, surrogate_fn)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+        nonfinite = ~(loss.isfinite() & grad_norm.isfinite())
+        return torch.stack([loss, pg_loss, v_loss, entropy, grad_norm, nonfinite,
+                            *(stats[key] for key in STEP_RECORD[NONFINITE + 1:])]).detach().float()
+
+    def gradient_step(mb, use_graph=graphed):
+        if not use_graph:
+            return eager(mb)
+        size = len(mb["obs"])
+        if size not in graphs:
+            static_mb = {key: value.clone() for key, value in mb.items()}
+            graphs[size] = static_mb, *capture(eager, static_mb)
+        static_mb, graph, static_record = graphs[size]
+        for key, value in mb.items():
+            static_mb[key].copy_(value)
+        graph.replay()
+        return static_record.clone()
+
+    return gradient_step
+
+
+def make_policy_mean(agent, num_envs, obs_dim, device, graphed):
+    """policy_mean(observations) -> the policy mean as numpy, once per env step. graphed: a CUDA-graph
+    replay between the two copies a step cannot avoid; eagerly on CUDA it is a dozen launches, waited for."""
+    if not graphed:
+        return lambda obs: agent.mean(torch.as_tensor(obs, device=device)).cpu().numpy()
+    static_obs = torch.zeros((num_envs, obs_dim), device=device)
+    with torch.no_grad():
+        graph, static_mean = capture(agent.mean, static_obs)
+
+    def policy_mean(obs):
+        static_obs.copy_(torch.from_numpy(obs))
+        graph.replay()
+        return static_mean.cpu().numpy()
+
+    return policy_mean
+
+
 def load_postmortem(path):
     """The agent, optimizer state, minibatch and args of an exploded step, as saved."""
     postmortem = torch.load(path, map_location="cpu", weights_only=False)
@@ -463,15 +559,17 @@ def load_postmortem(path):
     return agent, postmortem, args
 
 
-def replay(path):
-    """Recompute the exploded minibatch's loss from postmortem.pt: (loss, grad_norm, stats)."""
+def replay(path, device="cpu"):
+    """Recompute the exploded minibatch's loss from postmortem.pt on `device`: (loss, grad_norm, stats)."""
     agent, postmortem, args = load_postmortem(path)
+    agent.to(device)
+    minibatch = {key: value.to(device) for key, value in postmortem["minibatch"].items()}
     surrogate_fn = surrogate
     if args.fused_loss:
         import fused_loss
 
         surrogate_fn = fused_loss.surrogate
-    loss, _, _, _, stats = minibatch_loss(agent, postmortem["minibatch"], args, surrogate_fn)
+    loss, _, _, _, stats = minibatch_loss(agent, minibatch, args, surrogate_fn)
     loss.backward()
     grad_norm = nn.utils.get_total_norm([p.grad for p in agent.parameters() if p.grad is not None])
     return loss.detach(), grad_norm, stats
@@ -665,7 +763,6 @@ if __name__ == "__main__":
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
     else:
         optimizer = torch.optim.SGD(params, lr=args.learning_rate, fused=True)
-    max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
 
     summary = {
         "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
@@ -687,6 +784,11 @@ if __name__ == "__main__":
         nonfinite_updates, max_log10_ratio = checkpoint["nonfinite_updates"], checkpoint["max_log10_ratio"]
         start_time -= checkpoint["wall_time_s"]
         start_cpu_time -= checkpoint["cpu_time_s"]
+    state_tensors = prime_optimizer(optimizer, params)
+    epoch_start = [t.clone() for t in state_tensors]
+    graphed = device.type == "cuda" and args.cuda_graphs
+    gradient_step = make_gradient_step(agent, optimizer, args, surrogate_fn, graphed)
+    policy_mean = make_policy_mean(agent, args.num_envs, obs_dim, device, graphed)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     last_checkpoint_time = -math.inf
     exit_code = 0
@@ -737,45 +839,56 @@ if __name__ == "__main__":
                 optimizer.param_groups[0]["lr"] = frac * args.learning_rate
 
             batch, rollout, next_obs, global_step = collect_rollout(
-                envs, agent, next_obs, args, device, global_step, on_episode)
+                envs, agent, policy_mean, next_obs, args, device, global_step, on_episode)
 
-            iteration_stats, losses, grad_norms = [], [], []
-            exploded = None
+            records, exploded = [], None
             for epoch in range(args.update_epochs):
                 # one gather per epoch: the minibatches are then views of the shuffled batch
                 permutation = torch.randperm(batch_size, device=device)
                 shuffled = {key: value[permutation] for key, value in batch.items()}
-                for start in range(0, batch_size, args.minibatch_size):
-                    mb = {key: value[start: start + args.minibatch_size] for key, value in shuffled.items()}
-                    loss, pg_loss, v_loss, entropy, stats = minibatch_loss(agent, mb, args, surrogate_fn)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    iteration_stats.append(stats)
-                    grad_norms.append(grad_norm.detach())
-                    if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                        nonfinite_updates += 1
-                        if args.on_nonfinite == "stop":
-                            exploded = (nonfinite_reason(loss, params), mb, loss, grad_norm, epoch)
+                minibatches = [{key: value[start: start + args.minibatch_size] for key, value in shuffled.items()}
+                               for start in range(0, batch_size, args.minibatch_size)]
+                if args.on_nonfinite == "stop":
+                    with torch.no_grad():
+                        for saved, tensor in zip(epoch_start, state_tensors):
+                            saved.copy_(tensor)
+                epoch_records = []
+                for mb in minibatches:
+                    epoch_records.append(gradient_step(mb))
+                    optimizer_step(optimizer, epoch_records[-1])
+                epoch_records = torch.stack(epoch_records)
+                # the epoch's one wait for the device; on a non-finite step, roll the epoch back and redo
+                # it step by step up to that step, so the postmortem holds its minibatch and the state before it
+                if args.on_nonfinite == "stop" and bool(epoch_records[:, NONFINITE].any()):
+                    with torch.no_grad():
+                        for saved, tensor in zip(epoch_start, state_tensors):
+                            tensor.copy_(saved)
+                    replayed = []
+                    for mb in minibatches:
+                        replayed.append(gradient_step(mb, use_graph=False))
+                        if replayed[-1][NONFINITE]:
+                            exploded = (nonfinite_reason(replayed[-1][STEP_RECORD.index("loss")], params),
+                                        mb, replayed[-1], epoch)
                             break
-                        continue
-                    optimizer.step()
-                    losses.append(torch.stack([pg_loss.detach(), v_loss.detach(), entropy.detach()]))
+                        optimizer_step(optimizer, replayed[-1])
+                    epoch_records = torch.stack(replayed)
+                records.append(epoch_records)
                 if exploded:
                     break
-                if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
+                if args.target_kl is not None and epoch_records[-1, STEP_RECORD.index("approx_kl")] > args.target_kl:
                     break
+            records = dict(zip(STEP_RECORD, torch.cat(records).T))
+            nonfinite_updates += int(records["nonfinite"].sum())
             # a step that makes a parameter non-finite shows in the next minibatch's loss; this catches
             # the last step, and stops even in skip mode, since nothing can be learned from there on
             if not exploded and not torch.isfinite(nn.utils.get_total_norm(params)):
                 nonfinite_updates += 1
-                exploded = ("non-finite parameter", mb, loss, grad_norm, epoch)
+                exploded = ("non-finite parameter", mb, epoch_records[-1], epoch)
 
             # stability telemetry of the iteration (the paper's figures)
             with torch.no_grad():
-                stacked = {key: torch.stack([s[key] for s in iteration_stats]) for key in iteration_stats[0]}
-                max_log10 = float(stacked["max_log_ratio_effective"].max()) / math.log(10)
-                max_log10_raw = float(stacked["max_log_ratio"].max()) / math.log(10)
+                max_log10 = float(records["max_log_ratio_effective"].max()) / math.log(10)
+                max_log10_raw = float(records["max_log_ratio"].max()) / math.log(10)
                 if not math.isnan(max_log10):
                     max_log10_ratio = max(max_log10_ratio, max_log10)
                 raw_means = agent.actor_mean(batch["obs"])
@@ -793,16 +906,18 @@ if __name__ == "__main__":
                     "stability/max_abs_mean": float(batch["old_means"].abs().max()),
                     "stability/frac_mean_outside": float(outside.float().mean()),
                     "stability/min_old_log_prob": float(batch["logprobs"].min()),
-                    "stability/grad_norm": float(torch.stack(grad_norms).max()),
+                    "stability/grad_norm": float(records["grad_norm"].max()),
                     "stability/policy_l2_from_init": float(policy_l2),
                     "stability/nonfinite_updates": nonfinite_updates,
-                    "losses/approx_kl": float(stacked["approx_kl"].mean()),
-                    "losses/clipfrac": float(stacked["clip_frac"].mean()),
+                    "losses/approx_kl": float(records["approx_kl"].mean()),
+                    "losses/clipfrac": float(records["clip_frac"].mean()),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": int(global_step / (time.time() - start_time)),
                 }
-                if losses:
-                    pg_mean, v_mean, entropy_mean = torch.stack(losses).mean(0).tolist()
+                applied = records["nonfinite"] == 0
+                if applied.any():
+                    pg_mean, v_mean, entropy_mean = (float(records[key][applied].mean())
+                                                     for key in ("pg_loss", "v_loss", "entropy"))
                     returns, values = rollout["returns"], rollout["values"]
                     var_y = np.var(returns)
                     telemetry["losses/policy_loss"] = pg_mean
@@ -814,24 +929,24 @@ if __name__ == "__main__":
                 writer.add_scalar(key, value, global_step)
 
             if exploded:
-                reason, mb, loss, grad_norm, epoch = exploded
+                reason, mb, record, epoch = exploded
+                record = dict(zip(STEP_RECORD, record.cpu()))
                 postmortem_path = os.path.join(run_dir, "postmortem.pt")
                 torch.save({
-                    "reason": reason, "loss": loss.detach().cpu(), "grad_norm": grad_norm.detach().cpu(),
+                    "reason": reason, "loss": record["loss"], "grad_norm": record["grad_norm"],
                     "global_step": global_step, "iteration": iteration, "epoch": epoch,
                     "minibatch": {key: value.detach().cpu() for key, value in mb.items()},
                     "agent": {key: value.cpu() for key, value in agent.state_dict().items()},
                     "optimizer": optimizer.state_dict(), "args": asdict(args), "obs_dim": obs_dim,
                     "action_low": action_low, "action_high": action_high,
-                    "stats": {key: value.cpu() for key, value in iteration_stats[-1].items()},
+                    "stats": {key: record[key] for key in STEP_RECORD[NONFINITE + 1:]},
                     "telemetry": telemetry,
                 }, postmortem_path)
-                last = iteration_stats[-1]
                 print(f"EXPLODED at global step {global_step} (iteration {iteration}, epoch {epoch}): {reason} "
-                      f"(loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); "
+                      f"(loss {float(record['loss']):.4g}, grad norm {float(record['grad_norm']):.4g}); "
                       f"max log10 ratio {telemetry['stability/max_log10_ratio']:.4g} "
                       f"(raw {telemetry['stability/max_log10_ratio_raw']:.4g}), "
-                      f"ratio overflows {int(last['n_overflow'])}, "
+                      f"ratio overflows {int(record['n_overflow'])}, "
                       f"log10 KL {telemetry['stability/log10_kl']:.3g}, "
                       f"min std {telemetry['stability/min_std']:.3g}, "
                       f"max |mean| {telemetry['stability/max_abs_mean']:.4g} "

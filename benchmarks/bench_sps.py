@@ -1,13 +1,19 @@
-"""Training speed (environment steps per second) of ppo_continuous.py against Stable-Baselines3's PPO.
+"""Training speed (environment steps per second) of ppo_continuous.py against Stable-Baselines3's PPO, and
+of our --cuda against our CPU.
 
-Both run with the same hyperparameters, networks, thread settings and step budget, alternately in this
-one invocation, each in a fresh process; the ratio is ours / SB3, of the medians over --repeats. SPS is
-given by wall time and by the process's CPU time: on a shared machine the CPU-time figure is the one
-less disturbed by other load. SB3 is installed on the fly if missing (it is not a dependency here).
+Against SB3: both run with the same hyperparameters (CleanRL's, which both can express), networks, thread
+settings and step budget, alternately in this one invocation, each in a fresh process; the ratio is
+ours / SB3, of the medians over --repeats. SPS is given by wall time and by the process's CPU time: on a
+shared machine the CPU-time figure is the one less disturbed by other load. SB3 is installed on the fly
+if missing (it is not a dependency here).
+
+--cuda: the headline command, cpg_continuous.py with the paper's settings, on the GPU (CUDA graphs, the
+default) against the same on --cpu-cores pinned CPU cores (taskset, as many torch threads), and against plain
+eager CUDA (--no-cuda-graphs), alternately; wall-clock SPS, medians over --repeats. No SB3 is needed.
 
     python benchmarks/bench_sps.py                      # the three cases below, 1 thread each
     python benchmarks/bench_sps.py --threads 2 --steps 40960
-    python benchmarks/bench_sps.py --cuda               # adds ours --cuda against ours on the CPU (Humanoid)
+    python benchmarks/bench_sps.py --cuda               # GPU against 4 pinned CPU cores, Humanoid and Hopper
 """
 import argparse
 import importlib.util
@@ -29,6 +35,14 @@ CASES = {
 }
 # CleanRL's PPO hyperparameters, which both implementations can express exactly
 NUM_STEPS, MINIBATCH, EPOCHS, LR, MAX_GRAD_NORM = 2048, 64, 10, 3e-4, 0.5
+CLEANRL_FLAGS = ["--value-hidden", "64", "64", "--num-steps", str(NUM_STEPS), "--minibatch-size", str(MINIBATCH),
+                 "--update-epochs", str(EPOCHS), "--learning-rate", str(LR), "--max-grad-norm", str(MAX_GRAD_NORM),
+                 "--norm-adv", "--std-param", "exp", "--min-std", "0", "--init-std", "1", "--logprob-at", "raw"]
+# --cuda: (env id, policy hidden widths, target ratio GPU / pinned CPU, target ratio graphs / eager CUDA)
+CUDA_CASES = {
+    "humanoid-1024x1024": ("Humanoid-v4", [1024, 1024], 2.5, 3.0),
+    "hopper-64x64": ("Hopper-v4", [64, 64], 1.0, None),
+}
 
 SB3_RUN = """
 import sys, time, json, torch
@@ -56,14 +70,12 @@ def thread_env(threads):
             "PYTHONWARNINGS": "ignore"}
 
 
-def ours(env_id, hidden, steps, threads, cuda=False):
+def ours(env_id, hidden, steps, threads, flags=CLEANRL_FLAGS, script="ppo_continuous.py", cpus=None):
     with tempfile.TemporaryDirectory() as log_dir:
-        command = [sys.executable, str(ROOT / "ppo_continuous.py"), "--env-id", env_id,
-                   "--policy-hidden", *map(str, hidden), "--value-hidden", "64", "64", "--total-timesteps", str(steps),
-                   "--num-steps", str(NUM_STEPS), "--minibatch-size", str(MINIBATCH), "--update-epochs", str(EPOCHS),
-                   "--learning-rate", str(LR), "--max-grad-norm", str(MAX_GRAD_NORM), "--norm-adv",
-                   "--std-param", "exp", "--min-std", "0", "--init-std", "1", "--logprob-at", "raw",
-                   "--log-dir", log_dir, "--run-name", "bench", *(["--cuda"] if cuda else [])]
+        command = [sys.executable, str(ROOT / script), "--env-id", env_id, "--policy-hidden", *map(str, hidden),
+                   "--total-timesteps", str(steps), *flags, "--log-dir", log_dir, "--run-name", "bench"]
+        if cpus:
+            command = ["taskset", "-c", cpus, *command]
         subprocess.run(command, env=thread_env(threads), check=True, capture_output=True)
         summary = json.loads((Path(log_dir) / "bench" / "summary.json").read_text())
         return {"sps": summary["sps"], "cpu_sps": summary["global_step"] / summary["cpu_time_s"]}
@@ -79,14 +91,54 @@ def medians(runs):
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def cuda_comparison(args):
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: --cuda needs a CUDA GPU")
+    cores = f"0-{args.cpu_cores - 1}"
+    print(f"cpg_continuous.py, paper settings, {args.steps} steps per run, median of {args.repeats} alternating runs; "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}; CPU side: cores {cores} (taskset), "
+          f"{args.cpu_cores} threads; started {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    print(f"{'case':<20}{'--cuda':>8}{'eager CUDA':>11}{'CPU':>8}{'cuda/CPU':>10}{'target':>8}"
+          f"{'cuda/eager':>12}{'target':>8}", flush=True)
+    for name in args.cases:
+        env_id, hidden, cpu_target, eager_target = CUDA_CASES[name]
+        sides = {"cuda": dict(flags=["--cuda"], threads=1), "eager": dict(flags=["--cuda", "--no-cuda-graphs"], threads=1),
+                 "cpu": dict(flags=[], threads=args.cpu_cores, cpus=cores)}
+        runs = {side: [] for side in sides}
+        for _ in range(args.repeats):
+            for side, how in sides.items():
+                runs[side].append(ours(env_id, hidden, args.steps, how["threads"], how["flags"], "cpg_continuous.py",
+                                       how.get("cpus"))["sps"])
+        sps = {side: statistics.median(values) for side, values in runs.items()}
+        versus_cpu, versus_eager = sps["cuda"] / sps["cpu"], sps["cuda"] / sps["eager"]
+        missed = versus_cpu < cpu_target or (eager_target and versus_eager < eager_target)
+        print(f"{name:<20}{sps['cuda']:>8.0f}{sps['eager']:>11.0f}{sps['cpu']:>8.0f}{versus_cpu:>10.2f}"
+              f"{'>=' + str(cpu_target):>8}{versus_eager:>12.2f}{'>=' + str(eager_target) if eager_target else '':>8} "
+              f"{'MISSED' if missed else 'ok'}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--steps", type=int, default=10 * NUM_STEPS, help="environment steps per run")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES) + list(CUDA_CASES),
+                        help=f"default: {' '.join(CASES)}; with --cuda: {' '.join(CUDA_CASES)}")
+    parser.add_argument("--steps", type=int, help=f"environment steps per run (default {10 * NUM_STEPS}; --cuda: 10000)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads, the same for both")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
-    parser.add_argument("--cuda", action="store_true", help="also time ours with --cuda on Humanoid [1024, 1024]")
+    parser.add_argument("--cuda", action="store_true", help="ours --cuda against ours on pinned CPU cores (no SB3)")
+    parser.add_argument("--cpu-cores", type=int, default=4, help="--cuda: cores (and threads) of the CPU side")
     args = parser.parse_args()
+    cases = CUDA_CASES if args.cuda else CASES
+    args.cases = args.cases or list(cases)
+    if not set(args.cases) <= set(cases):
+        parser.error(f"--cases: choose from {' '.join(cases)}")
+    if args.cuda:
+        args.steps = args.steps or 10000
+        if args.steps < 1000:
+            parser.error("--steps must be at least one rollout, 1000")
+        return cuda_comparison(args)
+    args.steps = args.steps or 10 * NUM_STEPS
     if args.steps < NUM_STEPS or args.steps % NUM_STEPS:
         parser.error(f"--steps must be a positive multiple of the rollout length {NUM_STEPS}")
     ensure_sb3()
@@ -106,12 +158,6 @@ def main():
         verdict = "ok" if min(ratio, cpu_ratio) >= target else "MISSED"
         print(f"{name:<20}{our['sps']:>9.0f}{base['sps']:>9.0f}{ratio:>7.2f}   {our['cpu_sps']:>12.0f}"
               f"{base['cpu_sps']:>12.0f}{cpu_ratio:>7.2f}{'>=' + str(target):>8} {verdict}", flush=True)
-    if args.cuda:
-        env_id, hidden, _ = CASES["humanoid-1024x1024"]
-        cpu = ours(env_id, hidden, args.steps, args.threads)["sps"]
-        gpu = ours(env_id, hidden, args.steps, args.threads, cuda=True)["sps"]
-        print(f"ours on Humanoid-v4 [1024, 1024]: --cuda {gpu:.0f} SPS, CPU {cpu:.0f} SPS, ratio {gpu / cpu:.2f}",
-              flush=True)
 
 
 if __name__ == "__main__":

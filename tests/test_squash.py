@@ -56,7 +56,9 @@ def test_actions_sent_to_the_env_stay_in_the_box(squash, mean_shift):
     step_recorder(envs, sent)
     agent = module.Agent(2, LOW, HIGH, args)
     next_obs, _ = envs.reset(seed=0)
-    batch, *_ = module.collect_rollout(envs, agent, next_obs, args, torch.device("cpu"), 0, lambda *episode: None)
+    policy_mean = module.make_policy_mean(agent, 2, 2, torch.device("cpu"), graphed=False)
+    batch, *_ = module.collect_rollout(envs, agent, policy_mean, next_obs, args, torch.device("cpu"), 0,
+                                       lambda *episode: None)
     envs.close()
     sent = np.stack(sent)
     assert ((LOW <= sent) & (sent <= HIGH)).all()

@@ -139,8 +139,9 @@ def counter_rollout(script, env_id, num_envs=1, num_steps=10, **args):
     agent.get_value = lambda obs: obs[..., 0] + 10 * obs[..., 1]
     episodes = []
     next_obs, _ = envs.reset(seed=0)
+    policy_mean = module.make_policy_mean(agent, num_envs, 2, torch.device("cpu"), graphed=False)
     batch, rollout, next_obs, step = module.collect_rollout(
-        envs, agent, next_obs, args, torch.device("cpu"), 0, lambda *episode: episodes.append(episode))
+        envs, agent, policy_mean, next_obs, args, torch.device("cpu"), 0, lambda *episode: episodes.append(episode))
     envs.close()
     return batch, rollout, episodes, step
 
