@@ -7,6 +7,7 @@ On CPU this must change nothing: each script runs beside its own version from be
 On CUDA (skipped without a GPU): the CUDA-graph path against plain eager CUDA, and the explosion contract.
 """
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -134,3 +135,13 @@ def test_cuda_skip_mode_counts_as_eager(tmp_path):
         "ppo_continuous.py", [*SHIFTED_HUMANOID, "--total-timesteps", 2000, "--on-nonfinite", "skip"], tmp_path)
     assert graphed["status"] == eager["status"] == "completed"
     assert graphed["nonfinite_updates"] == eager["nonfinite_updates"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_sps_benchmark_cuda_needs_no_sb3_and_says_why_it_cannot_run(tmp_path):
+    bench = [sys.executable, str(ROOT / "benchmarks" / "bench_sps.py")]
+    result = subprocess.run([*bench, "--cuda"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --cuda needs a CUDA GPU"
+    assert "stable-baselines3" not in result.stdout
+    result = subprocess.run([*bench, "--cuda", "--cases", "hopper-1024"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "choose from humanoid-1024x1024 hopper-64x64" in result.stderr
