@@ -864,8 +864,8 @@ if __name__ == "__main__":
                     break
                 if args.target_kl is not None and epoch_records[-1, STEP_RECORD.index("approx_kl")] > args.target_kl:
                     break
-            records = dict(zip(STEP_RECORD, torch.cat(records).T))
-            nonfinite_updates += int(records["nonfinite"].sum())
+            steps = dict(zip(STEP_RECORD, torch.cat(records).T))
+            nonfinite_updates += int(steps["nonfinite"].sum())
             # a step that makes a parameter non-finite shows in the next minibatch's loss; this catches
             # the last step, and stops even in skip mode, since nothing can be learned from there on
             if not exploded and not torch.isfinite(nn.utils.get_total_norm(params)):
@@ -874,8 +874,8 @@ if __name__ == "__main__":
 
             # stability telemetry of the iteration (the paper's figures)
             with torch.no_grad():
-                max_log10 = float(records["max_log_ratio_effective"].max()) / math.log(10)
-                max_log10_raw = float(records["max_log_ratio"].max()) / math.log(10)
+                max_log10 = float(steps["max_log_ratio_effective"].max()) / math.log(10)
+                max_log10_raw = float(steps["max_log_ratio"].max()) / math.log(10)
                 if not math.isnan(max_log10):
                     max_log10_ratio = max(max_log10_ratio, max_log10)
                 raw_means = agent.actor_mean(batch["obs"])
@@ -893,17 +893,17 @@ if __name__ == "__main__":
                     "stability/max_abs_mean": float(batch["old_means"].abs().max()),
                     "stability/frac_mean_outside": float(outside.float().mean()),
                     "stability/min_old_log_prob": float(batch["logprobs"].min()),
-                    "stability/grad_norm": float(records["grad_norm"].max()),
+                    "stability/grad_norm": float(steps["grad_norm"].max()),
                     "stability/policy_l2_from_init": float(policy_l2),
                     "stability/nonfinite_updates": nonfinite_updates,
-                    "losses/approx_kl": float(records["approx_kl"].mean()),
-                    "losses/clipfrac": float(records["clip_frac"].mean()),
+                    "losses/approx_kl": float(steps["approx_kl"].mean()),
+                    "losses/clipfrac": float(steps["clip_frac"].mean()),
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/SPS": int(global_step / (time.time() - start_time)),
                 }
-                applied = records["nonfinite"] == 0
+                applied = steps["nonfinite"] == 0
                 if applied.any():
-                    pg_mean, v_mean, entropy_mean = (float(records[key][applied].mean())
+                    pg_mean, v_mean, entropy_mean = (float(steps[key][applied].mean())
                                                      for key in ("pg_loss", "v_loss", "entropy"))
                     returns, values = rollout["returns"], rollout["values"]
                     var_y = np.var(returns)
