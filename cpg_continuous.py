@@ -29,6 +29,8 @@ LOG_2PI = math.log(2 * math.pi)
 # loses at most a minute of training, and a write (tens of ms for a [1024, 1024] Humanoid) that rarely
 # is not measurable. SIGTERM and Ctrl-C write the latest boundary's state whenever they come.
 CHECKPOINT_INTERVAL_S = 60
+# the evaluation env's seed is the run's plus this, so it never shares a start state sequence with training
+EVAL_SEED_OFFSET = 1_000_000
 
 
 @dataclass
@@ -133,6 +135,12 @@ class Args:
     """compute the surrogate with `fused_loss.surrogate` (needs fused_loss.py beside this script)"""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """on a non-finite loss, gradient or parameter: stop the run (postmortem) or skip the step"""
+    eval_every: int = 0
+    """evaluate the deterministic policy every this many steps and at the end (0: never)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, on an env of its own (seed: --seed + 1000000, the same at every evaluation);
+    the action is the policy's mean (after --mean-transform or --squash) clipped to the box. Logged as
+    eval/episodic_return; training is bit-identical with or without it"""
     cuda_graphs: bool = True
     """with --cuda: replay each minibatch's gradient step and each env step's policy mean as CUDA graphs
     (--no-cuda-graphs: plain eager CUDA, to debug or compare)"""
@@ -172,6 +180,8 @@ def check_args(args):
         (not (math.isfinite(args.reward_scale) and args.reward_scale > 0), "--reward-scale must be positive"),
         (args.squash == "tanh" and args.mean_transform != "none",
          "--mean-transform maps the mean into the action box; with --squash tanh the mean is pre-squash"),
+        (args.eval_every < 0, "--eval-every must be non-negative (0: no evaluation)"),
+        (args.eval_episodes < 1, "--eval-episodes must be positive"),
         (args.squash == "tanh" and args.logprob_at == "raw",
          "--logprob-at raw: with --squash tanh nothing is clipped, the pre-squash sample is always stored"),
     ]
@@ -224,6 +234,12 @@ def make_envs(args, run_dir):
         envs.close()
         raise BadArgument(f"{args.env_id} has an unbounded action space; actions are clipped to a finite box")
     return envs
+
+
+def make_eval_env(args, run_dir):
+    """The evaluation's own env: training never steps it, so evaluating cannot change training. With
+    --norm-obs it normalises with the training env's statistics, frozen (see evaluate)."""
+    return make_env(args.env_id, 0, False, run_dir, args.gamma, args.norm_obs, False)()
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -302,8 +318,16 @@ def squash_log_det(u, half_range):
 
 
 def gaussian_kl(mean, std, old_mean, old_std):
-    """Closed-form KL(N(mean, std) || N(old_mean, old_std)) of diagonal Gaussians, summed over dims."""
-    return (old_std.log() - std.log() + (std**2 + (mean - old_mean) ** 2) / (2 * old_std**2) - 0.5).sum(-1)
+    """Closed-form KL(N(mean, std) || N(old_mean, old_std)) of diagonal Gaussians, summed over dims. Between
+    updates the two are close, and the textbook form's log(old_std / std) + std^2 / (2 old_std^2) - 1/2
+    cancels to nothing in float32; in w = 2 log(std / old_std) the std term is (e^w - 1 - w) / 2, taken from
+    its Taylor series where w is small."""
+    w = 2 * torch.log1p((std - old_std) / old_std)
+    series = torch.ones_like(w)
+    for k in range(18, 2, -1):  # e^w - 1 - w = w^2 / 2 (1 + w / 3 (1 + w / 4 (...))), float64-exact for |w| < 1/2
+        series = 1 + w / k * series
+    std_term = torch.where(w.abs() < 0.5, w * w / 2 * series, torch.expm1(w) - w)
+    return ((mean - old_mean) ** 2 / (2 * old_std**2) + std_term / 2).sum(-1)
 
 
 def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma, gae_lambda):
@@ -425,6 +449,36 @@ def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_ste
     rollout = {"rewards": rewards, "values": values, "next_values": next_values, "terminations": terminations,
                "episode_ends": episode_ends, "advantages": advantages, "returns": returns}
     return batch, rollout, next_obs, global_step
+
+
+def deterministic_action(mean, action_low, action_high, squash):
+    """The action of the policy's mean: squashed into the box with --squash tanh, then clipped to it."""
+    if squash == "tanh":
+        mean = action_low + (action_high - action_low) / 2 * (1 + np.tanh(mean))
+    return np.clip(mean, action_low, action_high)
+
+
+def evaluate(agent, eval_env, train_env, args, device):
+    """Mean raw return of args.eval_episodes episodes of the deterministic policy. The env is reseeded at
+    every evaluation, so each one starts from the same states; nothing here draws from training's RNGs."""
+    if args.norm_obs:
+        normaliser = obs_normaliser(eval_env)
+        normaliser.obs_rms, normaliser.update_running_mean = copy.deepcopy(obs_normaliser(train_env).obs_rms), False
+    low, high = eval_env.action_space.low, eval_env.action_space.high
+    returns = []
+    obs, _ = eval_env.reset(seed=args.seed + EVAL_SEED_OFFSET)
+    for episode in range(args.eval_episodes):
+        if episode:
+            obs, _ = eval_env.reset()
+        episode_return, done = 0.0, False
+        while not done:
+            with torch.inference_mode():
+                mean = agent.mean(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+            obs, reward, terminated, truncated, _ = eval_env.step(deterministic_action(mean, low, high, args.squash))
+            episode_return += float(reward)
+            done = terminated or truncated
+        returns.append(episode_return)
+    return float(np.mean(returns))
 
 
 def minibatch_loss(agent, mb, args, surrogate_fn):
@@ -623,6 +677,10 @@ def env_layers(env):
     return layers
 
 
+def obs_normaliser(env):
+    return next(layer for layer in env_layers(env) if isinstance(layer, gym.wrappers.NormalizeObservation))
+
+
 def simulator_state(env):
     """MuJoCo's whole MjData (mj_getState's integration state is not enough: Humanoid's reward reads the
     centre of mass that the last mj_step derived), else the env's attributes where they pickle (classic
@@ -714,6 +772,7 @@ if __name__ == "__main__":
             run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
             run_dir = os.path.join(args.log_dir, run_name)
         envs = make_envs(args, run_dir)
+        eval_env = make_eval_env(args, run_dir) if args.eval_every else None
     except BadArgument as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -760,6 +819,8 @@ if __name__ == "__main__":
         "sps": 0.0,
         "versions": versions(),
     }
+    if args.eval_every:
+        summary.update(eval_return=None, max_eval_return=None, eval_step=None)
     summary_path = os.path.join(run_dir, "summary.json")
     episode_returns, moving_returns = [], []  # moving: mean of the last 10 episodes
     first_iteration, global_step, nonfinite_updates, max_log10_ratio = 1, 0, 0, -math.inf
@@ -772,6 +833,7 @@ if __name__ == "__main__":
         nonfinite_updates, max_log10_ratio = checkpoint["nonfinite_updates"], checkpoint["max_log10_ratio"]
         start_time -= checkpoint["wall_time_s"]
         start_cpu_time -= checkpoint["cpu_time_s"]
+        summary.update(checkpoint["evaluation"])
     state_tensors = prime_optimizer(optimizer, params)
     epoch_start = [t.clone() for t in state_tensors]
     graphed = device.type == "cuda" and args.cuda_graphs
@@ -799,6 +861,15 @@ if __name__ == "__main__":
         )
         write_json_atomically(summary_path, summary)
 
+    def evaluate_policy():
+        eval_return = evaluate(agent, eval_env, envs.envs[0], args, device)
+        best = summary["max_eval_return"]
+        summary.update(eval_return=eval_return, max_eval_return=eval_return if best is None else max(best, eval_return),
+                       eval_step=global_step)
+        writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        print(f"evaluation at global_step={global_step}: return {eval_return:.1f} "
+              f"(deterministic policy, mean of {args.eval_episodes} episodes)", flush=True)
+
     def boundary_state(iteration):
         """Everything needed to go on from the start of `iteration` exactly as if never cut."""
         return {
@@ -808,6 +879,7 @@ if __name__ == "__main__":
             "wall_time_s": time.time() - start_time, "cpu_time_s": time.process_time() - start_cpu_time,
             "agent": copy.deepcopy(agent.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
             "next_obs": next_obs.copy(), "envs": env_state(envs), "rng": rng_state(device),
+            "evaluation": {key: summary[key] for key in ("eval_return", "max_eval_return", "eval_step") if key in summary},
         }
 
     write_summary("running")
@@ -944,12 +1016,16 @@ if __name__ == "__main__":
                 write_summary("exploded", exploded=True, explosion_step=global_step, explosion_reason=reason)
                 exit_code = 3
                 break
+            if args.eval_every and global_step // args.eval_every > (global_step - batch_size) // args.eval_every:
+                evaluate_policy()
             sps = int(global_step / (time.time() - start_time))
             recent = f"{np.mean(episode_returns[-10:]):.1f}" if episode_returns else "n/a"
             print(f"iteration {iteration}/{num_iterations} global_step={global_step} return(last 10)={recent} "
                   f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={sps}", flush=True)
             write_summary("running")
         else:
+            if args.eval_every and summary["eval_step"] != global_step:
+                evaluate_policy()
             if args.save_model:
                 torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
             write_summary("completed")
@@ -976,6 +1052,8 @@ if __name__ == "__main__":
     finally:
         writer.close()
         envs.close()
+        if eval_env is not None:
+            eval_env.close()
         if args.track:
             wandb.finish()
     sys.exit(exit_code)

@@ -35,6 +35,8 @@ SEEDS = 5  # paper: five seeds per setting
 ENVS = ["Hopper-v4", "Walker2d-v4", "Humanoid-v4"]
 WIDE = {"Hopper-v4": [1024], "Walker2d-v4": [1024, 1024], "Humanoid-v4": [1024, 1024]}  # Table 3 policies
 DONE = ("completed", "exploded")  # finished runs: never run again
+# new runs evaluate the deterministic policy this often; the evaluation flags are not part of a run's identity
+EVAL_EVERY = 100_000
 STABILITY = ["stability/max_log10_ratio", "stability/log10_kl", "stability/min_std", "stability/policy_l2_from_init"]
 
 
@@ -98,6 +100,17 @@ EXPERIMENTS = {
         what="PPO and CPG on Hopper-v4 [1024] with the Gaussian's actions clipped to the box (paper) or squashed by "
              "tanh (SAC-style, log-prob with the tanh Jacobian): the tanh-squashed Gaussian never evaluates a density "
              "at a clipped action; does PPO still explode?"),
+    "returns-gap": dict(
+        paper="ours", cells=[("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64}),
+                             ("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64, "update-epochs": 10}),
+                             *grid(["ppo"], HOPPER, {"norm-obs": [True], "reward-scale": [1.0, 0.1]})],
+        what="Settings the paper does not state, tried on Hopper-v4 [1024] to explain why our returns are below the "
+             "paper's: VPG in minibatches of 64 (one epoch, or ten: the paper's Table 4 gives VPG neither), and PPO "
+             "with normalised observations at reward scale 1 and 0.1."),
+    "long-tanh": dict(
+        paper="Table 1 `tanh`, ours", steps=3_000_000, cells=grid(["ppo"], HOPPER, {"mean-transform": ["tanh"]}),
+        what="PPO on Hopper-v4 [1024] with the mean tanh-mapped into the box, at 3M steps: does the return still "
+             "grow after 1M steps (the paper does not state its budget)?"),
     "logprob-at-shifted": dict(
         paper="ours",
         cells=grid(["ppo", "cpg"], HUMANOID, {"mean-shift": [100.0], "logprob-at": ["clipped", "raw"]}),
@@ -134,16 +147,18 @@ def fmt(v):
 # left off the command line and the run id, so the same run in several experiments is one run
 DEFAULTS = {"policy-hidden": [1024, 1024], "mean-transform": "none", "mean-shift": 0.0, "reward-scale": 1.0,
             "objective": "clip", "learning-rate": 1e-4, "optimizer": "adam", "logprob-at": "clipped",
-            "squash": "none"}
+            "squash": "none", "minibatch-size": 64, "update-epochs": 10, "norm-obs": False}
+ALGO_DEFAULTS = {"vpg": {"minibatch-size": 1000, "update-epochs": 1}}  # VPG: one step on the whole rollout
 
 
-def effective(flags):
-    """The flags that differ from the scripts' defaults, sorted by name."""
-    return {k: v for k, v in sorted(flags.items()) if fmt(v) != fmt(DEFAULTS[k])}
+def effective(algo, flags):
+    """The flags that differ from the algorithm's defaults, sorted by name."""
+    defaults = {**DEFAULTS, **ALGO_DEFAULTS.get(algo, {})}
+    return {k: v for k, v in sorted(flags.items()) if fmt(v) != fmt(defaults[k])}
 
 
 def cell_id(algo, env, flags):
-    return "__".join([algo, env] + [f"{k}={fmt(v)}" for k, v in effective(flags).items()])
+    return "__".join([algo, env] + [f"{k}={fmt(v)}" for k, v in effective(algo, flags).items()])
 
 
 def budget(steps):
@@ -178,15 +193,17 @@ def runs_of(exp, seeds, steps, only=()):
 
 
 def flag_args(key, value):
+    if isinstance(value, bool):  # tyro's booleans: --flag / --no-flag
+        return [f"--{key}" if value else f"--no-{key}"]
     return [f"--{key}"] + [fmt(v) for v in (value if isinstance(value, list) else [value])]
 
 
 def command(run, store, cuda=False):
     argv = [sys.executable, script(run["algo"]), "--env-id", run["env"], "--seed", str(run["seed"]),
             "--total-timesteps", str(run["steps"])]
-    for k, v in effective(run["flags"]).items():
+    for k, v in effective(run["algo"], run["flags"]).items():
         argv += flag_args(k, v)
-    argv += ["--log-dir", store, "--run-name", run["id"]] + (["--cuda"] if cuda else [])
+    argv += ["--log-dir", store, "--run-name", run["id"], "--eval-every", str(EVAL_EVERY)] + (["--cuda"] if cuda else [])
     return [fmt(a) for a in argv]
 
 
@@ -528,7 +545,7 @@ def resolve(exp, opts):
         seeds = list(range(1, opts.seeds[0] + 1)) if len(opts.seeds) == 1 else list(opts.seeds)
     else:
         seeds = last.get("seeds") or list(range(1, SEEDS + 1))
-    return seeds, opts.total_timesteps or last.get("total_timesteps") or STEPS
+    return seeds, opts.total_timesteps or last.get("total_timesteps") or EXPERIMENTS[exp].get("steps", STEPS)
 
 
 def cmd_report(exp, opts):
