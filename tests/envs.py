@@ -67,8 +67,17 @@ class NonFiniteRewardEnv(CounterEnv):
         return obs, np.inf if self.t == 3 else 1.0, terminated, truncated, info
 
 
+class ActionRewardEnv(CounterEnv):
+    """A Counter whose reward is the action taken: an episode's return is the sum of its actions."""
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = super().step(action)
+        return obs, float(action[0]), terminated, truncated, info
+
+
 gym.register("Counter-v0", entry_point=CounterEnv, max_episode_steps=4)
 gym.register("StaggeredCounter-v0", entry_point=StaggeredCounterEnv)
 gym.register("LopsidedCounter-v0", entry_point=LopsidedCounterEnv, max_episode_steps=4)
+gym.register("ActionReward-v0", entry_point=ActionRewardEnv, max_episode_steps=4)
 gym.register("NonFinite-v0", entry_point=NonFiniteEnv, max_episode_steps=100)
 gym.register("NonFiniteReward-v0", entry_point=NonFiniteRewardEnv, max_episode_steps=100)
