@@ -5,7 +5,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/Config.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -18,8 +17,6 @@
 #include "surrogate.h"
 
 namespace stable_pg {
-
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Eager torch.exp on CPU is MKL's VML exp in high-accuracy mode when torch is built with MKL (see
 // ATen/cpu/vml.h), else SLEEF through Vectorized<T>::exp. Calling the same functions makes the
@@ -112,29 +109,20 @@ static void run(const T* nl, const T* ol, const T* adv, T* grad, int64_t n, cons
   finish(total, n, loss, fstats, istats);
 }
 
-// Input validation lives in Python (fused_loss._check); these are internal consistency checks.
 Outputs surrogate_fwd_cpu(
     const at::Tensor& new_logp, const at::Tensor& old_logp, const at::Tensor& adv, double clip_coef,
     int64_t kind) {
-  TORCH_CHECK(new_logp.dim() == 1 && new_logp.sizes() == old_logp.sizes() && new_logp.sizes() == adv.sizes());
-  TORCH_CHECK(new_logp.numel() > 0 && kind >= PPO && kind <= VPG);
-  TORCH_CHECK(old_logp.scalar_type() == new_logp.scalar_type() && adv.scalar_type() == new_logp.scalar_type());
-  const auto nl = new_logp.contiguous(), ol = old_logp.contiguous(), ad = adv.contiguous();
-  const int64_t n = nl.numel();
-  auto loss = at::empty({}, nl.options());
-  auto grad = at::empty({n}, nl.options());
-  auto fstats = at::empty({5}, nl.options());
-  auto istats = at::empty({2}, nl.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(nl.scalar_type(), "surrogate_fwd_cpu", [&] {
-    const auto P = make_params<scalar_t>(clip_coef, n);
+  const Call c = prepare(new_logp, old_logp, adv, kind);
+  AT_DISPATCH_FLOATING_TYPES(c.nl.scalar_type(), "surrogate_fwd_cpu", [&] {
+    const auto P = make_params<scalar_t>(clip_coef, c.n);
     dispatch_kind(kind, [&](auto k) {
-      run<scalar_t, decltype(k)::value>(nl.const_data_ptr<scalar_t>(), ol.const_data_ptr<scalar_t>(),
-                                        ad.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), n,
-                                        P, loss.mutable_data_ptr<scalar_t>(),
-                                        fstats.mutable_data_ptr<scalar_t>(), istats.mutable_data_ptr<int64_t>());
+      run<scalar_t, decltype(k)::value>(c.nl.const_data_ptr<scalar_t>(), c.ol.const_data_ptr<scalar_t>(),
+                                        c.adv.const_data_ptr<scalar_t>(), c.grad.mutable_data_ptr<scalar_t>(), c.n,
+                                        P, c.loss.mutable_data_ptr<scalar_t>(),
+                                        c.fstats.mutable_data_ptr<scalar_t>(), c.istats.mutable_data_ptr<int64_t>());
     });
   });
-  return {loss, grad, fstats, istats};
+  return c.outputs();
 }
 
 // The forward already produced d loss / d new_logp, so the backward is one multiply. Autograd is

@@ -4,16 +4,51 @@
 // backward, rounded in the input dtype in the same order, so the gradient matches the reference's
 // elementwise (minimum's half-gradient on ties, clamp's inclusive bounds, 0 * inf = NaN, ...).
 // Nothing here may be contracted into FMAs or reassociated: built with -ffp-contract=off / --fmad=false.
+// Also here, once for both kernels: the op's internal checks and its output allocation (prepare()).
 #pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/macros/Macros.h>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 
 namespace stable_pg {
 
 enum Kind : int64_t { PPO = 0, CPG = 1, IS = 2, VPG = 3 };
+
+// The op's stat vectors, in the order of fused_loss.FLOAT_STATS and fused_loss.INT_STATS.
+enum FloatStat : int64_t { MAX_LOG_RATIO, MIN_LOG_RATIO, MAX_LOG_RATIO_EFFECTIVE, CLIP_FRAC, APPROX_KL, kNumFloatStats };
+enum IntStat : int64_t { N_NONFINITE, N_OVERFLOW, kNumIntStats };
+
+// (loss, grad = d loss / d new_logp, fstats, istats)
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// One call of the op: its inputs made contiguous and its outputs allocated, on the inputs' device.
+struct Call {
+  at::Tensor nl, ol, adv;
+  int64_t n;
+  at::Tensor loss, grad, fstats, istats;
+  Outputs outputs() const { return {loss, grad, fstats, istats}; }
+};
+
+// Input validation lives in Python (fused_loss._check, shared by both backends); these are internal
+// consistency checks of what reaches a kernel.
+inline Call prepare(const at::Tensor& new_logp, const at::Tensor& old_logp, const at::Tensor& adv, int64_t kind) {
+  TORCH_CHECK(new_logp.dim() == 1 && new_logp.sizes() == old_logp.sizes() && new_logp.sizes() == adv.sizes());
+  TORCH_CHECK(new_logp.numel() > 0 && kind >= PPO && kind <= VPG);
+  TORCH_CHECK(old_logp.scalar_type() == new_logp.scalar_type() && adv.scalar_type() == new_logp.scalar_type());
+  TORCH_CHECK(old_logp.device() == new_logp.device() && adv.device() == new_logp.device());
+  Call c{new_logp.contiguous(), old_logp.contiguous(), adv.contiguous(), new_logp.numel()};
+  const auto options = c.nl.options();
+  c.loss = at::empty({}, options);
+  c.grad = at::empty({c.n}, options);
+  c.fstats = at::empty({kNumFloatStats}, options);
+  c.istats = at::empty({kNumIntStats}, options.dtype(at::kLong));
+  return c;
+}
 
 // Thresholds computed once on the host with the same libm calls as the Python reference, then
 // rounded to the input dtype exactly as PyTorch rounds a Python scalar operand.
@@ -43,11 +78,12 @@ inline void dispatch_kind(int64_t kind, F&& f) {
 }
 
 // Reduction state of a chunk / block: sums in double, max/min NaN-propagating like torch.max.
-template <typename T>
+// A CUDA thread, which sees few elements, counts in 32 bits (cheaper); partials count in 64.
+template <typename T, typename Count = int64_t>
 struct Partial {
   double surr, kl;
   T max_lr, min_lr, max_eff;
-  int64_t n_clip, n_nonfinite, n_overflow;
+  Count n_clip, n_nonfinite, n_overflow;
 };
 
 template <typename T>
@@ -55,8 +91,8 @@ C10_HOST_DEVICE inline T nan_max(T a, T b) { return (b > a) | (b != b) ? b : a; 
 template <typename T>
 C10_HOST_DEVICE inline T nan_min(T a, T b) { return (b < a) | (b != b) ? b : a; }
 
-template <typename T>
-C10_HOST_DEVICE inline Partial<T> identity() {
+template <typename T, typename Count = int64_t>
+C10_HOST_DEVICE inline Partial<T, Count> identity() {
   const T inf = std::numeric_limits<T>::infinity();
   return {0.0, 0.0, -inf, inf, -inf, 0, 0, 0};
 }
@@ -132,8 +168,8 @@ template <typename T>
 C10_HOST_DEVICE inline bool overflowed(T lr, T ratio) { return std::isfinite(lr) & std::isinf(ratio); }
 
 // One element: writes d loss / d new_logp and folds the surrogate and the stats into p.
-template <typename T, int64_t KIND>
-C10_HOST_DEVICE inline void element(T new_lp, T old_lp, T adv, const Params<T>& P, T& grad, Partial<T>& p) {
+template <typename T, int64_t KIND, typename Count>
+C10_HOST_DEVICE inline void element(T new_lp, T old_lp, T adv, const Params<T>& P, T& grad, Partial<T, Count>& p) {
   const T lr = new_lp - old_lp;
   const T ratio = std::exp(lr);
   p.surr += double(surrogate_and_grad<T, KIND>(new_lp, lr, ratio, adv, P, grad));
@@ -152,13 +188,13 @@ template <typename T>
 C10_HOST_DEVICE inline void finish(const Partial<T>& p, int64_t n, T* loss, T* fstats, int64_t* istats) {
   const T nt = T(n);
   *loss = -(T(p.surr) / nt);
-  fstats[0] = p.max_lr;
-  fstats[1] = p.min_lr;
-  fstats[2] = p.max_eff;
-  fstats[3] = T(p.n_clip) / nt;
-  fstats[4] = T(p.kl) / nt;
-  istats[0] = p.n_nonfinite;
-  istats[1] = p.n_overflow;
+  fstats[MAX_LOG_RATIO] = p.max_lr;
+  fstats[MIN_LOG_RATIO] = p.min_lr;
+  fstats[MAX_LOG_RATIO_EFFECTIVE] = p.max_eff;
+  fstats[CLIP_FRAC] = T(p.n_clip) / nt;
+  fstats[APPROX_KL] = T(p.kl) / nt;
+  istats[N_NONFINITE] = p.n_nonfinite;
+  istats[N_OVERFLOW] = p.n_overflow;
 }
 
 }  // namespace stable_pg
