@@ -20,6 +20,7 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -148,7 +149,7 @@ def fmt(v):
 DEFAULTS = {"policy-hidden": [1024, 1024], "mean-transform": "none", "mean-shift": 0.0, "reward-scale": 1.0,
             "objective": "clip", "learning-rate": 1e-4, "optimizer": "adam", "logprob-at": "clipped",
             "squash": "none", "minibatch-size": 64, "update-epochs": 10, "norm-obs": False}
-ALGO_DEFAULTS = {"vpg": {"minibatch-size": 1000, "update-epochs": 1}}  # VPG: one step on the whole rollout
+ALGO_DEFAULTS = {"vpg": {"minibatch-size": None, "update-epochs": 1}}  # VPG: one step on the whole rollout
 
 
 def effective(algo, flags):
@@ -224,6 +225,10 @@ def outcome(run_dir):
     if status == "error" or os.path.exists(os.path.join(run_dir, "reproduce_failed.json")):
         return "failed", summary
     return "missing", summary
+
+
+def runs_done(runs, store):
+    return sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
 
 
 def num(x, f="{:.1f}"):
@@ -452,6 +457,18 @@ def execute(runs, backend, workers, store, cuda, n_total):
     return failed
 
 
+def cmd_list(exp, opts):
+    seeds, steps = resolve(exp, opts)
+    runs = runs_of(exp, seeds, steps, opts.only)
+    store = os.path.join(opts.out, "runs")
+    print(f"# {exp} ({EXPERIMENTS[exp]['paper']}): {len(runs)} runs, {steps:,} steps, seeds {seed_list(seeds)}, "
+          f"{sum(bool(r['shared']) for r in runs)} shared with other experiments, {runs_done(runs, store)} done")
+    for r in runs:
+        cmd = command(r, store, opts.cuda)
+        also = f"  # also in {', '.join(r['shared'])}" if r["shared"] else ""
+        print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]) + also)
+
+
 def cmd_run(exp, opts):
     exp_dir = os.path.abspath(os.path.join(opts.out, exp))
     os.makedirs(exp_dir, exist_ok=True)
@@ -477,15 +494,14 @@ def run_grid(exp, exp_dir, opts):
     try:
         failed = execute(todo, backend, max(1, workers), store, opts.cuda, len(runs))
     except KeyboardInterrupt:
-        n = sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
-        print(f"{n}/{len(runs)} runs done; run the same command again to resume", file=sys.stderr)
+        print(f"{runs_done(runs, store)}/{len(runs)} runs done; run the same command again to resume", file=sys.stderr)
         return 130
     if failed:
         print(f"{len(failed)} runs FAILED twice (see each train.log; the report counts them as failed):")
         for r in failed:
             print(f"  {os.path.join(store, r['id'], 'train.log')}")
         return 1
-    n = sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
+    n = runs_done(runs, store)
     if n < len(runs):
         print(f"{n}/{len(runs)} runs done; {len(runs) - n} are running elsewhere (another `reproduce.py run`): "
               f"run again once it ends")
@@ -512,21 +528,67 @@ def iqm_ci(x, n_boot=10_000, seed=0):
     return iqm(x), float(lo), float(hi)
 
 
+def binomial_cdf(k, n, p):
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def bisect(f, lo=0.0, hi=1.0):
+    """The root of f, increasing on [lo, hi], to double precision."""
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def clopper_pearson(k, n, level=0.95):
+    """The exact (Clopper-Pearson) interval of a binomial rate k/n: the rates p under which seeing k or more
+    (for the lower bound), or k or fewer (the upper), has probability (1 - level) / 2."""
+    tail = (1 - level) / 2
+    lower = 0.0 if k == 0 else bisect(lambda p: (1 - binomial_cdf(k - 1, n, p)) - tail)
+    upper = 1.0 if k == n else bisect(lambda p: tail - binomial_cdf(k, n, p))
+    return lower, upper
+
+
+def fisher_exact(k1, n1, k2, n2):
+    """Two-sided p-value of Fisher's exact test of k1 of n1 against k2 of n2: under one rate for both, given
+    the margins, the probability of a table no more likely than the one seen (scipy's convention)."""
+    hits = k1 + k2
+
+    def probability(x):
+        return math.comb(n1, x) * math.comb(n2, hits - x) / math.comb(n1 + n2, hits)
+
+    seen = probability(k1)
+    return min(1.0, sum(q for x in range(max(0, hits - n2), min(hits, n1) + 1)
+                        if (q := probability(x)) <= seen * (1 + 1e-7)))
+
+
+def rate_text(k, n):
+    """k/n as the reports and the README write it: the count, the rate and its exact 95% interval."""
+    lower, upper = clopper_pearson(k, n)
+    return f"{k}/{n} = {100 * k / n:.0f}% [{100 * lower:.0f}, {100 * upper:.0f}]"
+
+
 def group_stats(rows):
     """rows: [(outcome, summary)] of one grid cell -> the numbers of its table row."""
     count = {k: sum(o == k for o, _ in rows) for k in ("completed", "exploded", "failed", "missing")}
-    finals = [s["final_return"] for o, s in rows if o == "completed" and s.get("final_return") is not None]
-    maxes = [s["max_return"] for o, s in rows if o in DONE and s.get("max_return") is not None]
-    steps = [s["explosion_step"] for o, s in rows if o == "exploded" and s.get("explosion_step") is not None]
-    ratios = [s["max_log10_ratio"] for o, s in rows if o in DONE and s.get("max_log10_ratio") is not None]
+
+    def values(key, outcomes):
+        return [s[key] for o, s in rows if o in outcomes and s.get(key) is not None]
+
+    finals, maxes = values("final_return", ["completed"]), values("max_return", DONE)
+    evals, max_evals = values("eval_return", ["completed"]), values("max_eval_return", DONE)
+    steps, ratios = values("explosion_step", ["exploded"]), values("max_log10_ratio", DONE)
     finished = count["completed"] + count["exploded"]
-    return dict(count=count, finals=finals, maxes=maxes,
-                final=(np.mean(finals), np.std(finals)) if finals else None,  # std: population, as the paper's "± 0"
-                max=(np.mean(maxes), np.std(maxes)) if maxes else None,
+    return dict(count=count, finals=finals, maxes=maxes, finished=finished,
+                final=mean_std(finals), max=mean_std(maxes), eval=mean_std(evals), max_eval=mean_std(max_evals),
                 rate=count["exploded"] / finished if finished else None,
                 iqm=iqm_ci(finals) if finals else None,
                 explosion_step=float(np.median(steps)) if steps else None,
                 max_log10_ratio=float(np.median(ratios)) if ratios else None)
+
+
+def mean_std(x):
+    return (float(np.mean(x)), float(np.std(x))) if x else None  # std: population, as the paper's "± 0"
 
 
 def paper_numbers(exp, cell):
@@ -548,14 +610,81 @@ def resolve(exp, opts):
     return seeds, opts.total_timesteps or last.get("total_timesteps") or EXPERIMENTS[exp].get("steps", STEPS)
 
 
-def cmd_report(exp, opts):
-    spec = EXPERIMENTS[exp]
-    exp_dir = os.path.join(opts.out, exp)
-    store = os.path.join(opts.out, "runs")
+def report_runs(exp, opts, store):
+    """The runs a report covers, with their outcome and summary: with --seeds, those seeds; else the grid's
+    seeds and every other seed of a cell that has a finished run in the store (at the budget). Only finished
+    runs count: an unfinished one is missing, whatever it has logged so far, so a report depends on the
+    finished runs alone and regenerates exactly from them."""
     seeds, steps = resolve(exp, opts)
-    runs = runs_of(exp, seeds, steps, opts.only)
-    for r in runs:
+    stored = set()
+    if not opts.seeds and os.path.isdir(store):
+        names = set(os.listdir(store))
+        for r in runs_of(exp, [0], steps, opts.only):
+            prefix = r["id"][:-1]  # ...__s
+            stored |= {int(n[len(prefix):]) for n in names if n.startswith(prefix) and n[len(prefix):].isdigit()}
+    runs = []
+    for r in runs_of(exp, sorted(set(seeds) | stored), steps, opts.only):
         r["outcome"], r["summary"] = outcome(os.path.join(store, r["id"]))
+        if r["outcome"] == "missing":
+            r["summary"] = {}
+        if r["seed"] in seeds or r["outcome"] != "missing":
+            runs.append(r)
+    return runs, steps
+
+
+DEFINITIONS = (
+    "**Definitions.** Final return: mean of a run's last 10 episodes (raw environment return), mean ± std "
+    "(population std) over *completed* runs, N/A if none. Max return: best 10-episode moving average of a run, "
+    "mean ± std over finished (completed or exploded) runs. Eval return (where runs have it): the deterministic "
+    "policy's mean return over 10 episodes of a separate env (the mean action, after its transform or squash, "
+    "clipped to the box) at the end of a completed run, mean ± std over completed runs; max eval: a run's best "
+    "evaluation (every 100k steps and at the end), over finished runs. A run explodes when a minibatch update "
+    "yields a non-finite loss, gradient norm or parameter; explosion rate = exploded runs / finished runs, the "
+    "paper's 'fails to complete training', as k/n = rate [exact 95% Clopper-Pearson interval, in %]. The paper's "
+    "rate is k of its 5 runs; p: two-sided Fisher exact test of our k/n against it (a small p: the rates differ; "
+    "a large one: the data cannot tell them apart, which is not agreement). IQM: interquartile mean of the final "
+    "returns of completed runs, 95% percentile-bootstrap CI over runs (10,000 resamples, seed 0). Explosion step: "
+    "global step at which a run exploded. Max log10 ratio: largest log10 probability ratio a run's objective used "
+    "(after its clipping), median over finished runs that recorded a finite value (a summary holds null once the "
+    "ratio overflowed to inf). Runs C/E/F/M: completed / exploded / failed (status error, or failed twice under "
+    "reproduce.py) / missing (not started, interrupted or still running).")
+
+
+def pm(x):
+    return "N/A" if x is None else f"{x[0]:.1f} ± {x[1]:.1f}"
+
+
+def paper_count(rate):
+    """The paper's rate as k of its 5 runs ("20%" -> 1), None where it gives none."""
+    return round(float(rate.rstrip("%")) / 20) if rate and rate.endswith("%") else None
+
+
+def table_row(exp, members, varying, has, with_eval):
+    r0 = members[0]
+    flags = {**DEFAULTS, **ALGO_DEFAULTS.get(r0["algo"], {}), **r0["flags"]}  # a flag a cell leaves off: the default
+    cell = {"algo": r0["algo"], "env": r0["env"], **{k: fmt(v) for k, v in flags.items()}}
+    st = group_stats([(r["outcome"], r["summary"]) for r in members])
+    paper = paper_numbers(exp, cell) or (None, None, None)
+    c = st["count"]
+    row = [cell["algo"], cell["env"]] + [cell[k] for k in varying]
+    for i, ours in enumerate([pm(st["final"]), pm(st["max"])]):
+        row += [ours] + ([paper[i] or "—"] if i in has else [])
+    row.append("N/A" if not st["finished"] else rate_text(c["exploded"], st["finished"]))
+    if 2 in has:
+        k_paper = paper_count(paper[2])
+        row.append("—" if k_paper is None else f"{k_paper}/5 = {paper[2]}")
+        row.append("—" if k_paper is None or not st["finished"] else
+                   f"{fisher_exact(c['exploded'], st['finished'], k_paper, 5):.2g}")
+    if with_eval:
+        row += [pm(st["eval"]), pm(st["max_eval"])]
+    row += ["N/A" if st["iqm"] is None else "{:.1f} [{:.1f}, {:.1f}]".format(*st["iqm"]),
+            num(st["explosion_step"], "{:,.0f}"), num(st["max_log10_ratio"], "{:.3g}"),
+            f"{c['completed']}/{c['exploded']}/{c['failed']}/{c['missing']}"]
+    return "| " + " | ".join(row) + " |"
+
+
+def results_table(exp, runs):
+    spec = EXPERIMENTS[exp]
     groups = {}
     for r in runs:
         groups.setdefault(r["group"], []).append(r)
@@ -565,63 +694,59 @@ def cmd_report(exp, opts):
     varying = [k for k in keys if len({fmt(f.get(k)) for f in all_flags}) > 1]
     fixed = [" ".join(flag_args(k, all_flags[0][k])) for k in keys if k not in varying]
     has = [i for i in range(3) if any(n[i] for _, n in PAPER.get(exp, []))]  # paper columns this table has
-    total = {k: sum(r["outcome"] == k for r in runs) for k in ("completed", "exploded", "failed", "missing")}
+    with_eval = any(r["summary"].get("max_eval_return") is not None for r in runs)
+    header = ["algo", "env", *varying, "final return"] + (["paper"] if 0 in has else []) + ["max return"] + \
+        (["paper"] if 1 in has else []) + ["explosion rate [95% CI]"] + (["paper", "p"] if 2 in has else []) + \
+        (["eval return", "max eval return"] if with_eval else []) + \
+        ["IQM final [95% CI]", "explosion step (median)", "max log10 ratio (median)", "runs C/E/F/M"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [table_row(exp, members, varying, has, with_eval) for members in groups.values()]
+    return lines, fixed
 
-    def pm(x):
-        return "N/A" if x is None else f"{x[0]:.1f} ± {x[1]:.1f}"
 
-    lines = [f"# {exp}: {spec['paper']}", "", spec["what"], "",
-             f"**Budget**: {steps:,} environment steps per run, seeds {seed_list(seeds)} ({len(seeds)} per group), "
-             f"{len(runs)} runs: {total['completed']} completed, {total['exploded']} exploded, "
-             f"{total['failed']} failed, {total['missing']} missing. "
-             f"Paper: 5 seeds, step budget not stated (our default: {STEPS:,}). "
-             f"Other hyperparameters: the scripts' defaults (paper Tables 3, 4)"
-             f"{'; ' + ', '.join(fixed) if fixed else ''}.", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{store}`.", ""]
-    header = ["algo", "env", *varying]
-    for i, name in enumerate(["final return", "max return", "explosion rate"]):
-        header += [name] + (["paper"] if i in has else [])  # the paper's number beside ours, where it has one
-    header += ["IQM final [95% CI]", "explosion step (median)", "max log10 ratio (median)", "runs C/E/F/M"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for members in groups.values():
-        r0 = members[0]
-        cell = {"algo": r0["algo"], "env": r0["env"], **{k: fmt(v) for k, v in r0["flags"].items()}}
-        st = group_stats([(r["outcome"], r["summary"]) for r in members])
-        paper = paper_numbers(exp, cell) or (None, None, None)
-        c = st["count"]
-        rate = "N/A" if st["rate"] is None else \
-            f"{100 * st['rate']:.0f}% ({c['exploded']}/{c['completed'] + c['exploded']})"
-        row = [cell["algo"], cell["env"]] + [cell[k] for k in varying]
-        for i, ours in enumerate([pm(st["final"]), pm(st["max"]), rate]):
-            row += [ours] + ([paper[i] or "—"] if i in has else [])
-        row += ["N/A" if st["iqm"] is None else "{:.1f} [{:.1f}, {:.1f}]".format(*st["iqm"]),
-                num(st["explosion_step"], "{:,.0f}"), num(st["max_log10_ratio"], "{:.3g}"),
-                f"{c['completed']}/{c['exploded']}/{c['failed']}/{c['missing']}"]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "**Definitions.** Final return: mean of a run's last 10 episodes (raw environment return), "
-              "mean ± std (population std) over *completed* runs, N/A if none. Max return: best 10-episode moving "
-              "average of a run, mean ± std over finished (completed or exploded) runs. A run explodes when a "
-              "minibatch update yields a non-finite loss, gradient norm or parameter; explosion rate = exploded "
-              "runs / finished runs, the paper's 'fails to complete training'. IQM: interquartile mean of the "
-              "final returns of completed runs, 95% percentile-bootstrap CI over runs (10,000 resamples, seed 0). "
-              "Explosion step: global step at which a run exploded. Max log10 ratio: largest log10 probability "
-              "ratio a run's objective used (after its clipping), median over finished runs that recorded a finite "
-              "value (a summary holds null once the ratio overflowed to inf). Runs C/E/F/M: "
-              "completed / exploded / failed (status error, or failed twice under reproduce.py) / missing "
-              "(not started, interrupted or still running).", ""]
-    os.makedirs(exp_dir, exist_ok=True)
-    figures, why = plot(runs, exp_dir, store, spec.get("tags", STABILITY))
-    lines += ["## Figures", ""]
-    lines += [f"![{f}]({f})" for f in figures] if figures else [f"Figures skipped: {why}."]
-    lines += ["", "## Runs", "",
-              "| run | also in | status | steps | final return | max return | explosion step | max log10 ratio |",
-              "|---|---|---|---|---|---|---|---|"]
+def runs_table(runs):
+    lines = ["| run | also in | status | steps | final return | max return | eval return | explosion step "
+             "| max log10 ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
         status = r["outcome"] if r["outcome"] != "failed" else f"**FAILED** ({s.get('status')}; see train.log)"
         lines.append(f"| {r['id']} | {', '.join(r['shared']) or '—'} | {status} | "
                      f"{num(s.get('global_step'), '{:,}')} | {num(s.get('final_return'))} | {num(s.get('max_return'))} | "
-                     f"{num(s.get('explosion_step'), '{:,}')} | {num(s.get('max_log10_ratio'), '{:.3g}')} |")
+                     f"{num(s.get('eval_return'))} | {num(s.get('explosion_step'), '{:,}')} | "
+                     f"{num(s.get('max_log10_ratio'), '{:.3g}')} |")
+    return lines
+
+
+FIGURES = ["learning_curves.png", "stability.png"]
+
+
+def cmd_report(exp, opts):
+    spec = EXPERIMENTS[exp]
+    exp_dir = os.path.join(opts.out, exp)
+    store = os.path.join(opts.out, "runs")
+    runs, steps = report_runs(exp, opts, store)
+    seeds = sorted({r["seed"] for r in runs})
+    total = {k: sum(r["outcome"] == k for r in runs) for k in ("completed", "exploded", "failed", "missing")}
+    table, fixed = results_table(exp, runs)
+    lines = [f"# {exp}: {spec['paper']}", "", spec["what"], "",
+             f"**Budget**: {steps:,} environment steps per run, seeds {seed_list(seeds)} (each row's count: runs "
+             f"C/E/F/M), {len(runs)} runs: {total['completed']} completed, {total['exploded']} exploded, "
+             f"{total['failed']} failed, {total['missing']} missing. "
+             f"Paper: 5 seeds, step budget not stated (our default: {STEPS:,}). "
+             f"Other hyperparameters: the scripts' defaults (paper Tables 3, 4)"
+             f"{'; ' + ', '.join(fixed) if fixed else ''}.", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{store}`.", "",
+             *table, "", DEFINITIONS, ""]
+    os.makedirs(exp_dir, exist_ok=True)
+    why = "not drawn (--no-figures)"
+    if not opts.no_figures:
+        _, why = plot(runs, exp_dir, store, spec.get("tags", STABILITY))
+    # the figures in the folder: those just drawn, or with --no-figures those drawn before
+    figures = [f for f in FIGURES if os.path.exists(os.path.join(exp_dir, f))]
+    lines += ["## Figures", ""]
+    # the reason goes to the terminal only, so that the report is the same whatever the reason
+    lines += [f"![{f}]({f})" for f in figures] if figures else ["No figures yet (they need matplotlib and runs' logs)."]
+    lines += ["", "## Runs", "", *runs_table(runs)]
     path = os.path.join(exp_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -753,6 +878,8 @@ def main(argv=None):
     p.add_argument("--cuda", action="store_true", help="pass --cuda to the runs (ray: one GPU per run)")
     p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
                    help="only the runs whose name contains every TEXT, e.g. --only Hopper-v4 mean-transform=clip")
+    p.add_argument("--no-figures", action="store_true",
+                   help="report: leave the figures as they are (the report links those in its folder)")
     opts = p.parse_args(argv)
     if opts.experiment == "all" and opts.command != "run":
         exps = list(EXPERIMENTS)
@@ -774,19 +901,7 @@ def main(argv=None):
         finally:
             signal.signal(signal.SIGTERM, previous)
     for exp in exps:
-        if opts.command == "report":
-            cmd_report(exp, opts)
-            continue
-        seeds, steps = resolve(exp, opts)
-        runs = runs_of(exp, seeds, steps, opts.only)
-        store = os.path.join(opts.out, "runs")
-        n_done = sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
-        print(f"# {exp} ({EXPERIMENTS[exp]['paper']}): {len(runs)} runs, {steps:,} steps, seeds {seed_list(seeds)}, "
-              f"{sum(bool(r['shared']) for r in runs)} shared with other experiments, {n_done} done")
-        for r in runs:
-            cmd = command(r, store, opts.cuda)
-            also = f"  # also in {', '.join(r['shared'])}" if r["shared"] else ""
-            print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]) + also)
+        (cmd_report if opts.command == "report" else cmd_list)(exp, opts)
     return 0
 
 

@@ -4,6 +4,7 @@ tests/data/stub_runner.py except in the last test."""
 import fcntl
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -18,7 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import reproduce  # noqa: E402
-from tests.test_training import default_sigint  # noqa: E402
+from tests.helpers import default_sigint  # noqa: E402
 
 REPRO = os.path.join(ROOT, "reproduce.py")
 STUB = os.path.join(ROOT, "tests", "data", "stub_runner.py")
@@ -96,6 +97,8 @@ EXPECTED = {  # experiment: (runs at 5 seeds, algos, envs)
     "logprob-at": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
     "logprob-at-shifted": (20, {"ppo", "cpg"}, {"Humanoid-v4"}),
     "squash": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
+    "returns-gap": (20, {"ppo", "vpg"}, {"Hopper-v4"}),
+    "long-tanh": (5, {"ppo"}, {"Hopper-v4"}),
 }
 
 
@@ -179,7 +182,7 @@ def test_commands_parse_with_the_scripts_own_args():
     import tyro
     args_of = {a: load_args(a) for a in ALGOS}
     for a, Args in args_of.items():
-        for k, v in reproduce.DEFAULTS.items():
+        for k, v in {**reproduce.DEFAULTS, **reproduce.ALGO_DEFAULTS.get(a, {})}.items():
             if a == "ppo" or k != "objective":  # --objective is PPO's alone
                 assert reproduce.fmt(getattr(Args(), k.replace("-", "_"))) == reproduce.fmt(v), (a, k)
     for exp in reproduce.EXPERIMENTS:
@@ -285,7 +288,7 @@ def test_retry_once_then_failed_and_reported(stubs, tmp_path, monkeypatch, capsy
 
     reproduce.main(["report", "vpg", "--out", out])  # budget and seeds from the last run
     report = read(out, "vpg", "report.md")
-    assert "3,000 environment steps per run, seeds 1 (1 per group), 3 runs: 1 completed, 0 exploded, 2 failed" \
+    assert "3,000 environment steps per run, seeds 1 (each row's count: runs C/E/F/M), 3 runs: 1 completed, 0 exploded, 2 failed" \
         in report
     assert report.count("| 0/0/1/0 |") == 2 and "| 1/0/0/0 |" in report and report.count("**FAILED**") == 2
 
@@ -428,18 +431,23 @@ def test_report_numbers_and_figures(tmp_path):
 
     assert reproduce.main(["report", exp, "--out", out, "--seeds", "5", "--total-timesteps", "5000"]) == 0
     report = read(out, exp, "report.md")
-    assert "5,000 environment steps per run, seeds 1-5 (5 per group), 20 runs: 7 completed, 6 exploded, " \
-        "1 failed, 6 missing" in report
+    assert "5,000 environment steps per run, seeds 1-5 (each row's count: runs C/E/F/M), 20 runs: 7 completed, " \
+        "6 exploded, 1 failed, 6 missing" in report
 
     def line(scale):
         return next(x for x in report.splitlines() if f"| ppo | Hopper-v4 | {scale} |" in x)
 
-    assert line("1") == ("| ppo | Hopper-v4 | 1 | N/A | N/A | 1000.0 ± 141.4 | 1057 ± 593 | 100% (5/5) | 100% | N/A "
-                         "| 3,000 | 38 | 0/5/0/0 |")
+    # rates as k/n = % [Clopper-Pearson 95%], the paper's as k of 5, and Fisher's p of the two
+    assert line("1") == ("| ppo | Hopper-v4 | 1 | N/A | N/A | 1000.0 ± 141.4 | 1057 ± 593 | 5/5 = 100% [48, 100] "
+                         "| 5/5 = 100% | 1 | N/A | 3,000 | 38 | 0/5/0/0 |")
     assert line("0.1").startswith("| ppo | Hopper-v4 | 0.1 | 250.0 ± 111.8 | 2792 ± 792 | 220.0 ± 128.1 | 2897 ± 759 "
-                                  "| 20% (1/5) | 20% | 250.0 [")
-    assert line("0.01").endswith("| 3/0/1/1 |") and "30.0 ± 21.6" in line("0.01") and "0% (0/3)" in line("0.01")
-    assert line("0.001").startswith("| ppo | Hopper-v4 | 0.001 | N/A | 2303 ± 0 | N/A | 2269 ± 933 | N/A | 80% |")
+                                  "| 1/5 = 20% [1, 72] | 1/5 = 20% | 1 | 250.0 [")
+    # 0 of 3 against 2 of 5: tables with 0 or 2 of the 2 explosions in ours are as likely or less, 10/28 + 3/28
+    assert line("0.01").endswith("| 3/0/1/1 |") and "30.0 ± 21.6" in line("0.01") and \
+        "| 0/3 = 0% [0, 71] | 2/5 = 40% | 0.46 |" in line("0.01")
+    assert line("0.001").startswith("| ppo | Hopper-v4 | 0.001 | N/A | 2303 ± 0 | N/A | 2269 ± 933 | N/A "
+                                    "| 4/5 = 80% | — |")
+    assert "eval return" not in report.split("**Definitions.**")[0]  # no run has an evaluation
     assert "explosion rate = exploded runs / finished runs" in report and "fails to complete training" in report
     if importlib.util.find_spec("matplotlib"):
         for f in ("learning_curves.png", "stability.png"):
@@ -447,7 +455,83 @@ def test_report_numbers_and_figures(tmp_path):
             with open(os.path.join(out, exp, f), "rb") as fh:
                 assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     else:
-        assert "Figures skipped: matplotlib is not installed" in report
+        assert "No figures yet (they need matplotlib and runs' logs)." in report
+
+
+def test_exact_interval_and_fisher_test():
+    # k = 0 and k = n have closed forms: the bound where the other tail alone is 2.5%
+    for n in (3, 5, 10):
+        assert reproduce.clopper_pearson(0, n) == (0.0, pytest.approx(1 - 0.025 ** (1 / n), rel=1e-12))
+        assert reproduce.clopper_pearson(n, n) == (pytest.approx(0.025 ** (1 / n), rel=1e-12), 1.0)
+    lower, upper = reproduce.clopper_pearson(3, 10)  # each bound leaves 2.5% in its tail
+    assert sum(math.comb(10, i) * lower**i * (1 - lower) ** (10 - i) for i in range(3, 11)) == pytest.approx(0.025)
+    assert sum(math.comb(10, i) * upper**i * (1 - upper) ** (10 - i) for i in range(4)) == pytest.approx(0.025)
+    # 0 of 5 against 5 of 5: only this table and its mirror are as extreme, each 1 / C(10, 5)
+    assert reproduce.fisher_exact(0, 5, 5, 5) == pytest.approx(2 / 252)
+    assert reproduce.fisher_exact(5, 5, 5, 5) == 1.0 and reproduce.fisher_exact(3, 10, 3, 10) == 1.0
+    assert reproduce.rate_text(8, 9) == "8/9 = 89% [52, 100]"
+    stats = pytest.importorskip("scipy.stats")
+    for k1, n1, k2, n2 in [(8, 9, 1, 5), (3, 10, 2, 5), (10, 10, 4, 5), (1, 7, 0, 5), (6, 13, 5, 5)]:
+        assert reproduce.fisher_exact(k1, n1, k2, n2) == pytest.approx(
+            stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue, rel=1e-9)
+        ci = stats.binomtest(k1, n1).proportion_ci(method="exact")
+        assert reproduce.clopper_pearson(k1, n1) == (pytest.approx(ci.low, abs=1e-9), pytest.approx(ci.high, abs=1e-9))
+
+
+def test_report_covers_every_finished_seed_and_the_evaluation(tmp_path):
+    out, exp = str(tmp_path), "large-nets"
+    runs = {(r["algo"], r["env"], r["seed"]): r["id"] for r in reproduce.runs_of(exp, range(1, 8), 5000)}
+    os.makedirs(os.path.join(out, exp))
+    with open(os.path.join(out, exp, "grid.json"), "w") as f:
+        json.dump({"seeds": [1, 2], "total_timesteps": 5000}, f)
+    for seed in (1, 2, 7):  # seed 7 beyond the grid's
+        write_summary(out, runs["cpg", "Hopper-v4", seed], status="completed", final_return=10.0 * seed,
+                      max_return=20.0, eval_return=100.0 * seed, max_eval_return=150.0 * seed)
+    write_summary(out, runs["cpg", "Hopper-v4", 5], status="running", final_return=1.0, global_step=123)
+    write_summary(out, runs["ppo", "Hopper-v4", 6], status="interrupted", final_return=1.0, global_step=456)
+    assert reproduce.main(["report", exp, "--out", out, "--no-figures"]) == 0
+    report = read(out, exp, "report.md")
+    # the grid's seeds 1-2 and the finished seed 7; seeds 5 and 6 have not finished: not in the report
+    assert "seeds 1,2,7 (each row's count" in report
+    row = next(x for x in report.splitlines() if x.startswith("| cpg | Hopper-v4 |"))
+    assert "| 0/3 = 0% [0, 71] | 333.3 ± 262.5 | 500.0 ± 393.7 |" in row and row.endswith("| 3/0/0/0 |")
+    assert "| ppo | Hopper-v4 | 1024 | N/A | N/A | N/A | N/A | N/A |" in report  # its grid seeds: missing
+    assert "__s5 |" not in report and "__s6 |" not in report and "123" not in report and "456" not in report
+    assert "No figures yet (they need matplotlib and runs' logs)." in report
+    assert reproduce.main(["report", exp, "--out", out, "--no-figures", "--seeds", "2"]) == 0  # seeds 1-2 only
+    report = read(out, exp, "report.md")
+    assert "seeds 1,2 (each row's count" in report and "__s7 |" not in report
+    row = next(x for x in report.splitlines() if x.startswith("| cpg | Hopper-v4 |"))
+    assert "| 0/2 = 0% [0, 84] | 150.0 ± 50.0 |" in row and row.endswith("| 2/0/0/0 |")
+
+
+def committed_runs():
+    """The run folders whose summary.json git tracks (a clean clone has no others)."""
+    listed = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    return {os.path.dirname(p) for p in listed.stdout.splitlines() if p.endswith("/summary.json")}
+
+
+@pytest.mark.parametrize("out", ["results", "results/200k"])
+def test_committed_reports_regenerate_exactly(out, tmp_path):
+    """`report EXP` alone, on the committed runs, writes each committed report again; only the line that
+    says when and from where may differ."""
+    runs = committed_runs()
+    os.makedirs(tmp_path / "runs")
+    for run in runs:
+        if os.path.dirname(run) == os.path.join(out, "runs"):
+            os.symlink(os.path.join(ROOT, run), tmp_path / "runs" / os.path.basename(run))
+    reports = [e for e in reproduce.EXPERIMENTS if os.path.exists(os.path.join(ROOT, out, e, "report.md"))]
+    assert reports
+    for exp in reports:
+        shutil.copytree(os.path.join(ROOT, out, exp), tmp_path / exp)  # its grid.json and figures
+        assert reproduce.main(["report", exp, "--out", str(tmp_path), "--no-figures"]) == 0
+        committed, regenerated = (read(d, exp, "report.md").splitlines() for d in (os.path.join(ROOT, out), tmp_path))
+        assert len(committed) == len(regenerated), exp
+        for old, new in zip(committed, regenerated):
+            if not old.startswith("Generated "):
+                assert new == old, exp
 
 
 # ---------------------------------------------------------------------------------------------- ray
