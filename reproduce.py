@@ -227,6 +227,33 @@ def outcome(run_dir):
     return "missing", summary
 
 
+# a training script holds this lock (flock, its PID inside) in its run folder while it runs
+RUN_LOCK = "run.lock"
+
+
+def holder(run_dir):
+    """The PID of the live process that holds the run folder, None if no process does."""
+    try:
+        f = open(os.path.join(run_dir, RUN_LOCK))
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # the lock is free: whoever wrote it is gone
+        except OSError:
+            return int(f.read().strip() or 0) or None
+
+
+def unfinished_state(run_dir, summary):
+    """What an unfinished run is doing: 'running (pid N)', 'interrupted' (its summary says running or
+    interrupted, but no process holds the folder: killed, or cut short) or 'not started'."""
+    if not summary:
+        return "not started"
+    pid = holder(run_dir)
+    return f"running (pid {pid})" if pid else "interrupted"
+
+
 def runs_done(runs, store):
     return sum(outcome(os.path.join(store, r["id"]))[0] in DONE for r in runs)
 
@@ -465,8 +492,13 @@ def cmd_list(exp, opts):
           f"{sum(bool(r['shared']) for r in runs)} shared with other experiments, {runs_done(runs, store)} done")
     for r in runs:
         cmd = command(r, store, opts.cuda)
-        also = f"  # also in {', '.join(r['shared'])}" if r["shared"] else ""
-        print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]) + also)
+        run_dir = os.path.join(store, r["id"])
+        state, summary = outcome(run_dir)
+        if state == "missing":
+            state = unfinished_state(run_dir, summary)
+            state += "; `reproduce.py run` continues it" if state == "interrupted" else ""
+        notes = [state] + ([f"also in {', '.join(r['shared'])}"] if r["shared"] else [])
+        print(shlex.join(["python", os.path.relpath(cmd[1])] + cmd[2:]) + f"  # {'; '.join(notes)}")
 
 
 def cmd_run(exp, opts):
@@ -626,6 +658,7 @@ def report_runs(exp, opts, store):
     for r in runs_of(exp, sorted(set(seeds) | stored), steps, opts.only):
         r["outcome"], r["summary"] = outcome(os.path.join(store, r["id"]))
         if r["outcome"] == "missing":
+            r["state"] = unfinished_state(os.path.join(store, r["id"]), r["summary"])
             r["summary"] = {}
         if r["seed"] in seeds or r["outcome"] != "missing":
             runs.append(r)
@@ -709,7 +742,8 @@ def runs_table(runs):
              "| max log10 ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s = r["summary"]
-        status = r["outcome"] if r["outcome"] != "failed" else f"**FAILED** ({s.get('status')}; see train.log)"
+        status = {"failed": f"**FAILED** ({s.get('status')}; see train.log)",
+                  "missing": f"missing: {r.get('state')}"}.get(r["outcome"], r["outcome"])
         lines.append(f"| {r['id']} | {', '.join(r['shared']) or '—'} | {status} | "
                      f"{num(s.get('global_step'), '{:,}')} | {num(s.get('final_return'))} | {num(s.get('max_return'))} | "
                      f"{num(s.get('eval_return'))} | {num(s.get('explosion_step'), '{:,}')} | "

@@ -222,8 +222,8 @@ def test_list_cli_and_bad_names(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("4 runs, 1,000,000 steps, seeds 1, 2 shared with other experiments, 0 done")
     assert [line.partition("  # ")[2] for line in lines[1:]] == [
-        "also in mean-transform, reward-scale, large-nets, optimizer-width, logprob-at", "",
-        "also in large-nets, logprob-at", ""]
+        "not started; also in mean-transform, reward-scale, large-nets, optimizer-width, logprob-at", "not started",
+        "not started; also in large-nets, logprob-at", "not started"]
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -503,6 +503,35 @@ def test_report_covers_every_finished_seed_and_the_evaluation(tmp_path):
     assert "seeds 1,2 (each row's count" in report and "__s7 |" not in report
     row = next(x for x in report.splitlines() if x.startswith("| cpg | Hopper-v4 |"))
     assert "| 0/2 = 0% [0, 84] | 150.0 ± 50.0 |" in row and row.endswith("| 2/0/0/0 |")
+
+
+def test_unfinished_runs_say_whether_a_process_holds_them(tmp_path, capsys):
+    out = str(tmp_path)
+    running, killed, fresh = ids("vpg", [1], 5000)
+    write_summary(out, running, status="running", global_step=2000)
+    write_summary(out, killed, status="running", global_step=3000)  # its process was killed: no holder
+    with open(os.path.join(run_dir(out, killed), reproduce.RUN_LOCK), "w") as f:
+        f.write("999999")  # a dead process's lock, not held
+    lock = open(os.path.join(run_dir(out, running), reproduce.RUN_LOCK), "w")
+    lock.write(str(os.getpid()))
+    lock.flush()
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a live training script holds it
+    try:
+        assert reproduce.holder(run_dir(out, running)) == os.getpid()
+        assert reproduce.holder(run_dir(out, killed)) is None and reproduce.holder(run_dir(out, fresh)) is None
+        assert reproduce.main(["list", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "5000"]) == 0
+        listed = capsys.readouterr().out.splitlines()[1:]
+        assert listed[0].endswith(f"# running (pid {os.getpid()})")
+        assert listed[1].endswith("# interrupted; `reproduce.py run` continues it")
+        assert listed[2].endswith("# not started")
+        assert reproduce.main(["report", "vpg", "--seeds", "1", "--out", out, "--total-timesteps", "5000",
+                               "--no-figures"]) == 0
+        report = read(out, "vpg", "report.md")
+        assert f"| {running} | — | missing: running (pid {os.getpid()}) | — |" in report
+        assert f"| {killed} | — | missing: interrupted | — |" in report
+        assert f"| {fresh} | — | missing: not started | — |" in report
+    finally:
+        lock.close()
 
 
 def committed_runs():
