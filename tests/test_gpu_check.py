@@ -1,8 +1,8 @@
 """benchmarks/gpu_check.sh, the one GPU command, as far as it can run without a GPU: its no-GPU exit,
 its stage runner (time limits that take the stage's children too), the parsing of pytest's output,
 the table built from the benchmarks' own result rows, and the steady-state SPS the benchmark reads
-from a real run's TensorBoard log. On a GPU machine gpu_check.sh runs these too (their module name
-matches its `-k gpu`); the test that runs gpu_check.sh itself is then skipped."""
+from a real run's TensorBoard log. These are not GPU tests, though their module name would match
+gpu_check.sh's `-k gpu`: it leaves them out."""
 import json
 import subprocess
 import sys
