@@ -1,7 +1,12 @@
 # PPO for continuous control (CleanRL style), with the numerical-stability telemetry of
 # "Numerical pitfalls in policy gradient updates". Defaults are that paper's (Tables 3, 4, App. A.3).
-# Usage: python ppo_continuous.py --env-id Humanoid-v4 --cuda
+# Usage: python ppo_continuous.py --env-id Hopper-v4 --policy-hidden 1024
+#    or: from ppo_continuous import Args, train; summary = train(Args(env_id="Hopper-v4"))
+# The algorithm comes first, down to train(); below the divider, the machinery that makes a run safe to
+# cut and its explosions explainable (epoch guard, CUDA graphs, run record, checkpoint/resume, main).
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +17,9 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -24,44 +31,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 ALGO = "ppo"
 LOG_2PI = math.log(2 * math.pi)
-# checkpoint.pt is written at the first iteration boundary and then at most once a minute: a hard kill
-# loses at most a minute of training, and a write (tens of ms for a [1024, 1024] Humanoid) that rarely
-# is not measurable. SIGTERM and Ctrl-C write the latest boundary's state whenever they come.
-CHECKPOINT_INTERVAL_S = 60
 # the evaluation env's seed is the run's plus this, so it never shares a start state sequence with training
 EVAL_SEED_OFFSET = 1_000_000
+# v4 is deliberate, it is the paper's MuJoCo version: gymnasium's "out of date" warning would come every run
+warnings.filterwarnings("ignore", r".*is out of date\. You should consider upgrading", DeprecationWarning)
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = False
-    """train on the GPU (an error if there is none)"""
-    track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
-    wandb_project_name: str = "stable-pg"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
-    save_model: bool = False
-    """whether to save the final model into the run folder as `model.pt`"""
-    log_dir: str = "runs"
-    """the folder that holds one sub-folder per run"""
-    run_name: Optional[str] = None
-    """the run's folder name; default `{env_id}__{exp_name}__{seed}__{unix_time}`"""
-    resume: Optional[str] = None
-    """a run folder: continue that run from its checkpoint.pt, with its own args (no other flag may be
-    given), in the same folder; TensorBoard events logged after the checkpoint are purged. On CPU the
-    result is bit-identical to an uncut run. An env whose state cannot be saved (it does not pickle, and
-    is not MuJoCo) starts a new episode on resume instead; --capture-video's recorder restarts its count"""
-
+    # Algorithm specific arguments
     env_id: str = "Hopper-v4"
     """the id of the environment (any gymnasium env with a continuous Box action space)"""
     total_timesteps: int = 1000000
@@ -101,8 +79,9 @@ class Args:
     kl_coef: float = 0.01
     """the KL penalty coefficient b of `--objective kl-penalty`"""
 
+    # The policy (the paper's Tables 1 and 4, Appendix A.2)
     policy_hidden: tuple[int, ...] = (1024, 1024)
-    """the widths of the mean network's hidden layers"""
+    """the widths of the mean network's hidden layers (the paper's Hopper policy is 1024)"""
     value_hidden: tuple[int, ...] = (64, 64)
     """the widths of the value network's hidden layers"""
     activation: Literal["tanh", "relu"] = "tanh"
@@ -128,29 +107,65 @@ class Args:
     --mean-transform clip/tanh make no sense with it; --mean-shift shifts mu. Telemetry: max_abs_mean and
     frac_mean_outside are of mu, log10_kl is the KL of the Gaussians in u (equal to the squashed ones'),
     min_old_log_prob is of the squashed density; the entropy (bonus and log) is the Gaussian's in u"""
+
+    # Rewards and observations
     reward_scale: float = 1.0
     """rewards are multiplied by this before learning (Table 6)"""
     norm_obs: bool = False
     """normalise observations with running statistics (and clip them to [-10, 10])"""
     norm_reward: bool = False
     """normalise rewards by a running estimate of the return's std (and clip them to [-10, 10])"""
+
+    # Numerics and explosions
     fused_loss: bool = False
     """compute the surrogate with `fused_loss.surrogate` (needs fused_loss.py beside this script)"""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """on a non-finite loss, gradient or parameter: stop the run (postmortem) or skip the step"""
+
+    # Evaluation
     eval_every: int = 0
     """evaluate the deterministic policy every this many steps and at the end (0: never)"""
     eval_episodes: int = 10
     """episodes per evaluation, on an env of its own (seed: --seed + 1000000, the same at every evaluation);
     the action is the policy's mean (after --mean-transform or --squash) clipped to the box. Logged as
     eval/episodic_return; training is bit-identical with or without it"""
+
+    # Experiment, hardware and logging (as CleanRL)
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """train on the GPU (an error if there is none)"""
     cuda_graphs: bool = True
     """with --cuda: replay each minibatch's gradient step and each env step's policy mean as CUDA graphs
     (--no-cuda-graphs: plain eager CUDA, to debug or compare)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "stable-pg"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the final model into the run folder as `model.pt`"""
+    log_dir: str = "runs"
+    """the folder that holds one sub-folder per run"""
+    run_name: Optional[str] = None
+    """the run's folder name; default `{env_id}__{exp_name}__{seed}__{unix_time}`"""
+    resume: Optional[str] = None
+    """a run folder: continue that run from its checkpoint.pt, with its own args (no other flag may be
+    given), in the same folder; TensorBoard events logged after the checkpoint are purged. On CPU the
+    result is bit-identical to an uncut run. An env whose state cannot be saved (it does not pickle, and
+    is not MuJoCo) starts a new episode on resume instead; --capture-video's recorder restarts its count"""
 
 
 class BadArgument(Exception):
-    """Bad input: reported in one line, exit code 2, before any training."""
+    """Bad input, found before anything starts: `train` raises it, the command line reports it in one line
+    and exits with 2."""
 
 
 class EnvNonFinite(Exception):
@@ -193,6 +208,11 @@ def check_args(args):
             raise BadArgument(message)
     if args.cuda and not torch.cuda.is_available():
         raise BadArgument("--cuda was given but no CUDA GPU is available")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise BadArgument("--track needs wandb: pip install wandb")
 
 
 def make_env(env_id, idx, capture_video, run_dir, gamma, norm_obs, norm_reward):
@@ -228,7 +248,7 @@ def make_envs(args, run_dir):
             copy=False,
         )
     except Exception as e:
-        raise BadArgument(f"cannot make env {args.env_id!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise BadArgument(f"cannot make env {args.env_id!r}: {first_line(e)}")
     space = envs.single_action_space
     if not isinstance(space, gym.spaces.Box):
         envs.close()
@@ -243,6 +263,10 @@ def make_eval_env(args, run_dir):
     """The evaluation's own env: training never steps it, so evaluating cannot change training. With
     --norm-obs it normalises with the training env's statistics, frozen (see evaluate)."""
     return make_env(args.env_id, 0, False, run_dir, args.gamma, args.norm_obs, False)()
+
+
+def first_line(error):
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -291,8 +315,7 @@ class Agent(nn.Module):
         if self.mean_transform == "clip":
             return torch.maximum(torch.minimum(mean, self.action_high), self.action_low)
         if self.mean_transform == "tanh":
-            half_range = (self.action_high - self.action_low) / 2
-            return self.action_low + half_range * (1 + torch.tanh(mean))
+            return squash_into_box(mean, self.action_low, self.action_high)
         return mean
 
     def std(self):
@@ -303,21 +326,27 @@ class Agent(nn.Module):
 
     def log_prob(self, actions, mean, std):
         """log pi of stored actions. With --squash tanh they are pre-squash samples u, and this is the
-        density of the action low + (high - low) / 2 * (1 + tanh(u)) that was taken."""
+        density of the action squash_into_box(u) that was taken."""
         log_prob = gaussian_log_prob(actions, mean, std)
         if self.squash == "tanh":
-            log_prob = log_prob - squash_log_det(actions, (self.action_high - self.action_low) / 2)
+            log_prob = log_prob - squash_log_det(actions, self.action_low, self.action_high)
         return log_prob
+
+
+def squash_into_box(u, low, high):
+    """low + (high - low) / 2 * (1 + tanh(u)): u mapped into the box [low, high], numpy or torch alike."""
+    tanh = torch.tanh if torch.is_tensor(u) else np.tanh
+    return low + (high - low) / 2 * (1 + tanh(u))
+
+
+def squash_log_det(u, low, high):
+    """log |d squash_into_box(u) / du|, summed over dims; SAC's form of log(1 - tanh(u)^2), finite where tanh(u)
+    rounds to +-1."""
+    return (2 * (math.log(2) - u - nn.functional.softplus(-2 * u)) + ((high - low) / 2).log()).sum(-1)
 
 
 def gaussian_log_prob(actions, mean, std):
     return (-0.5 * ((actions - mean) / std) ** 2 - std.log() - 0.5 * LOG_2PI).sum(-1)
-
-
-def squash_log_det(u, half_range):
-    """log |d action / du| of action = low + half_range * (1 + tanh(u)), summed over dims; SAC's form of
-    log(1 - tanh(u)^2), finite where tanh(u) rounds to +-1."""
-    return (2 * (math.log(2) - u - nn.functional.softplus(-2 * u)) + half_range.log()).sum(-1)
 
 
 def gaussian_kl(mean, std, old_mean, old_std):
@@ -358,28 +387,48 @@ def surrogate(new_logp, old_logp, advantages, clip_coef, kind):
         surr = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef) * advantages)
     else:
         surr = ratio * advantages
-    with torch.no_grad():
-        log_ratio, ratio = log_ratio.detach(), ratio.detach()
-        if kind == "ppo":
-            effective = torch.where(advantages >= 0, log_ratio.clamp(max=math.log(1 + clip_coef)),
-                                    log_ratio.clamp(min=math.log(1 - clip_coef)))
-        else:
-            effective = log_ratio
-        finite = new_logp.detach().isfinite() & old_logp.isfinite() & advantages.isfinite()
-        stats = {
-            "max_log_ratio": log_ratio.max(),
-            "min_log_ratio": log_ratio.min(),
-            "max_log_ratio_effective": effective.max(),
-            "clip_frac": ((log_ratio > math.log1p(clip_coef)) | (log_ratio < math.log1p(-clip_coef)))
-                         .to(log_ratio.dtype).mean(),
-            "approx_kl": ((ratio - 1) - log_ratio).mean(),
-            "n_nonfinite": (~finite).sum(),
-            "n_overflow": (log_ratio.isfinite() & ratio.isinf()).sum(),
-        }
-    return -surr.mean(), stats
+    return -surr.mean(), ratio_diagnostics(new_logp, old_logp, advantages, clip_coef, clipped_objective=kind == "ppo")
 
 
 SURROGATE_KIND = {"clip": "ppo", "kl-penalty": "is", "none": "is"}
+
+
+SURROGATE_STATS = ("max_log_ratio", "min_log_ratio", "max_log_ratio_effective", "clip_frac", "approx_kl",
+                   "n_nonfinite", "n_overflow")
+
+
+@torch.no_grad()
+def ratio_diagnostics(new_logp, old_logp, advantages, clip_coef, clipped_objective):
+    """The SURROGATE_STATS of a batch, as 0-dim tensors. clipped_objective: the objective clips the ratio on
+    the side its advantage gains from, and max_log_ratio_effective is of the ratio it then uses."""
+    log_ratio = new_logp.detach() - old_logp
+    ratio = log_ratio.exp()
+    effective = log_ratio
+    if clipped_objective:
+        effective = torch.where(advantages >= 0, log_ratio.clamp(max=math.log(1 + clip_coef)),
+                                log_ratio.clamp(min=math.log(1 - clip_coef)))
+    finite = new_logp.detach().isfinite() & old_logp.isfinite() & advantages.isfinite()
+    return {
+        "max_log_ratio": log_ratio.max(),
+        "min_log_ratio": log_ratio.min(),
+        "max_log_ratio_effective": effective.max(),
+        "clip_frac": ((log_ratio > math.log1p(clip_coef)) | (log_ratio < math.log1p(-clip_coef)))
+                     .to(log_ratio.dtype).mean(),
+        "approx_kl": ((ratio - 1) - log_ratio).mean(),
+        "n_nonfinite": (~finite).sum(),
+        "n_overflow": (log_ratio.isfinite() & ratio.isinf()).sum(),
+    }
+
+
+def surrogate_function(args):
+    """This file's surrogate, or the fused op's with --fused-loss."""
+    if not args.fused_loss:
+        return surrogate
+    try:
+        import fused_loss
+    except ImportError as e:
+        raise BadArgument(f"--fused-loss needs fused_loss.py beside this script ({e})")
+    return fused_loss.surrogate
 
 
 def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_step, on_episode):
@@ -396,12 +445,11 @@ def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_ste
     rewards = np.zeros((num_steps, num_envs), dtype=np.float32)
     terminations = np.zeros((num_steps, num_envs), dtype=np.float32)
     episode_ends = np.zeros((num_steps, num_envs), dtype=np.float32)
-    truncated_final_obs = []
+    truncations = []  # (step, env, true final observation) of every truncated episode
     with torch.inference_mode():
         std = agent.std()
         scaled_noise = (std * torch.randn(actions.shape, device=device)).cpu().numpy()
         action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
-        half_range = (action_high - action_low) / 2
         for step in range(num_steps):
             global_step += num_envs
             obs[step] = next_obs
@@ -409,7 +457,7 @@ def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_ste
             sample = mean + scaled_noise[step]
             if args.squash == "tanh":
                 # the clip only catches rounding at the box's edges
-                env_action = np.clip(action_low + half_range * (1 + np.tanh(sample)), action_low, action_high)
+                env_action = np.clip(squash_into_box(sample, action_low, action_high), action_low, action_high)
             else:
                 env_action = np.clip(sample, action_low, action_high)
             old_means[step] = mean
@@ -428,7 +476,7 @@ def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_ste
                         raise EnvNonFinite(f"{args.env_id} returned a non-finite final observation "
                                            f"at global step {global_step}")
                     if truncated[env_idx]:
-                        truncated_final_obs.append((step, env_idx, final_obs))
+                        truncations.append((step, env_idx, final_obs))
                     episode = infos["final_info"]["episode"]
                     on_episode(global_step, float(episode["r"][env_idx]), int(episode["l"][env_idx]))
 
@@ -438,10 +486,10 @@ def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_ste
         next_values[:-1] = values[1:]
         next_values[-1] = agent.get_value(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu()
         # an episode's last transition bootstraps from its true final observation, not the reset one
-        if truncated_final_obs:
-            steps, env_ids, final_obs = zip(*truncated_final_obs)
-            final_obs = torch.as_tensor(np.stack(final_obs), dtype=torch.float32, device=device)
-            next_values[list(steps), list(env_ids)] = agent.get_value(final_obs).cpu().numpy()
+        if truncations:
+            at_steps, in_envs, final_observations = zip(*truncations)
+            final_observations = torch.as_tensor(np.stack(final_observations), dtype=torch.float32, device=device)
+            next_values[list(at_steps), list(in_envs)] = agent.get_value(final_observations).cpu().numpy()
         advantages, returns = compute_gae(rewards, values, next_values, terminations, episode_ends,
                                           args.gamma, args.gae_lambda)
         logprobs = agent.log_prob(actions, old_means, std)
@@ -464,7 +512,7 @@ def collect_rollout(envs, agent, policy_mean, next_obs, args, device, global_ste
 def deterministic_action(mean, action_low, action_high, squash):
     """The action of the policy's mean: squashed into the box with --squash tanh, then clipped to it."""
     if squash == "tanh":
-        mean = action_low + (action_high - action_low) / 2 * (1 + np.tanh(mean))
+        mean = squash_into_box(mean, action_low, action_high)
     return np.clip(mean, action_low, action_high)
 
 
@@ -512,9 +560,178 @@ def minibatch_loss(agent, mb, args, surrogate_fn):
 
 
 # what one minibatch step hands back, as one tensor: read from the device once per epoch, not per step
-STEP_RECORD = ("loss", "pg_loss", "v_loss", "entropy", "grad_norm", "nonfinite", "max_log_ratio", "min_log_ratio",
-               "max_log_ratio_effective", "clip_frac", "approx_kl", "n_nonfinite", "n_overflow")
-NONFINITE = STEP_RECORD.index("nonfinite")
+STEP_RECORD = ("loss", "pg_loss", "v_loss", "entropy", "grad_norm", "nonfinite", *SURROGATE_STATS)
+
+
+def recorded(step_records, name):
+    """One field of a STEP_RECORD tensor, or of a stack of them."""
+    return step_records[..., STEP_RECORD.index(name)]
+
+
+def make_optimizer(params, args):
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
+    return torch.optim.SGD(params, lr=args.learning_rate, fused=True)
+
+
+def gradient_step(agent, optimizer, mb, args, surrogate_fn, keep_grads=False):
+    """Zero the gradients, the loss, backward, clip: the step's STEP_RECORD. Nothing here waits for the
+    device; whether the step is finite stays a device tensor for optimizer_step. keep_grads: zero the
+    gradients in place, as CUDA graphs need (else backward's own allocation costs less)."""
+    optimizer.zero_grad(set_to_none=not keep_grads)
+    loss, pg_loss, v_loss, entropy, stats = minibatch_loss(agent, mb, args, surrogate_fn)
+    loss.backward()
+    params = list(agent.parameters())
+    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+    nonfinite = ~(loss.isfinite() & grad_norm.isfinite())
+    return torch.stack([loss, pg_loss, v_loss, entropy, grad_norm, nonfinite,
+                        *(stats[key] for key in SURROGATE_STATS)]).detach().float()
+
+
+def optimizer_step(optimizer, step_record):
+    # fused Adam and SGD skip the step on the device when found_inf is 1, as under AMP's GradScaler
+    optimizer.found_inf = recorded(step_record, "nonfinite")
+    optimizer.step()
+
+
+@dataclass
+class Explosion:
+    """The first non-finite minibatch step of a run, and why."""
+    reason: str
+    minibatch: dict
+    step_record: torch.Tensor
+    epoch: int
+
+
+def shuffled_minibatches(batch, minibatch_size):
+    # one gather per epoch: the minibatches are then views of the shuffled batch
+    batch_size = len(batch["obs"])
+    permutation = torch.randperm(batch_size, device=batch["obs"].device)
+    shuffled = {key: value[permutation] for key, value in batch.items()}
+    return [{key: value[start: start + minibatch_size] for key, value in shuffled.items()}
+            for start in range(0, batch_size, minibatch_size)]
+
+
+def update(agent, optimizer, batch, args, compute_step, guard):
+    """The iteration's epochs of minibatch steps: (their STEP_RECORDs stacked, how many were non-finite, the
+    Explosion or None). The epochs stop early at --target-kl, and at an explosion."""
+    records = []
+    for epoch in range(args.update_epochs):
+        minibatches = shuffled_minibatches(batch, args.minibatch_size)
+        guard.snapshot()
+        epoch_records = []
+        for mb in minibatches:
+            epoch_records.append(compute_step(mb))
+            optimizer_step(optimizer, epoch_records[-1])
+        epoch_records, explosion = guard.check(torch.stack(epoch_records), minibatches, epoch)
+        records.append(epoch_records)
+        last_step = minibatches[-1], epoch_records[-1], epoch
+        if explosion or (args.target_kl is not None and recorded(epoch_records[-1], "approx_kl") > args.target_kl):
+            break
+    step_records = torch.cat(records)
+    nonfinite = int(recorded(step_records, "nonfinite").sum())
+    # a step that makes a parameter non-finite shows in the next minibatch's loss; this catches the
+    # last step, and stops even in skip mode, since nothing can be learned from there on
+    if not explosion and not torch.isfinite(nn.utils.get_total_norm(list(agent.parameters()))):
+        nonfinite += 1
+        explosion = Explosion("non-finite parameter", *last_step)
+    return step_records, nonfinite, explosion
+
+
+def nonfinite_reason(loss, params):
+    if not all(bool(p.isfinite().all()) for p in params):
+        # the previous step made it so: the postmortem holds the networks after that step
+        return "non-finite parameter"
+    return "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
+
+
+def train(args):
+    """Train one run to its end: returns its summary (also in summary.json), whose status says how it ended:
+    completed, exploded, interrupted (Ctrl-C or SIGTERM; continue it with Args(resume=its folder)) or error.
+    Bad input raises BadArgument before anything starts. The signal handlers are left as they were found."""
+    args, checkpoint, run_dir, run_name = resolve_run(args)
+    check_args(args)
+    surrogate_fn = surrogate_function(args)
+    envs = make_envs(args, run_dir)
+    eval_env = make_eval_env(args, run_dir) if args.eval_every else None
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    os.makedirs(run_dir, exist_ok=True)
+    run = RunRecord(args, run_dir, run_name, num_iterations * batch_size, checkpoint)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if args.cuda else "cpu")
+    obs_dim = envs.single_observation_space.shape[0]
+    agent = Agent(obs_dim, envs.single_action_space.low, envs.single_action_space.high, args).to(device)
+    # the mean network at initialisation, for the distance the policy has travelled (Fig. 7b,c); a
+    # resumed run gets it from the seed, as the run it continues did
+    initial_actor_mean = copy.deepcopy(agent.actor_mean).requires_grad_(False)
+    params = list(agent.parameters())
+    optimizer = make_optimizer(params, args)
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    state_tensors = prime_optimizer(optimizer, params)
+    graphed = device.type == "cuda" and args.cuda_graphs
+    compute_step = make_compute_step(agent, optimizer, args, surrogate_fn, graphed)
+    guard = EpochGuard(state_tensors, params, optimizer, compute_step, enabled=args.on_nonfinite == "stop")
+    policy_mean = make_policy_mean(agent, args.num_envs, obs_dim, device, graphed)
+    checkpoints = Checkpoints(run_dir, checkpoint, args, run, agent, optimizer, envs, device)
+
+    first_iteration, global_step = (checkpoint["iteration"], checkpoint["global_step"]) if checkpoint else (1, 0)
+    with sigterm_interrupts():
+        try:
+            next_obs, _ = envs.reset(seed=args.seed)
+            if checkpoint:
+                next_obs = restore_env_state(envs, checkpoint["envs"], checkpoint["next_obs"])
+                set_rng_state(checkpoint["rng"], device)
+            for iteration in range(first_iteration, num_iterations + 1):
+                checkpoints.boundary(iteration, global_step, next_obs)
+                if args.anneal_lr:
+                    optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+                batch, rollout, next_obs, global_step = collect_rollout(
+                    envs, agent, policy_mean, next_obs, args, device, global_step, run.on_episode)
+                step_records, nonfinite, explosion = update(agent, optimizer, batch, args, compute_step, guard)
+                telemetry = iteration_telemetry(agent, initial_actor_mean, batch, rollout, step_records)
+                telemetry = run.log_iteration(global_step, nonfinite, optimizer.param_groups[0]["lr"], telemetry)
+                if explosion:
+                    run.exploded(explosion, telemetry, global_step, iteration, agent, optimizer)
+                    break
+                if args.eval_every and global_step // args.eval_every > (global_step - batch_size) // args.eval_every:
+                    run.log_evaluation(evaluate(agent, eval_env, envs.envs[0], args, device), global_step)
+                run.iteration_done(iteration, num_iterations, global_step, telemetry)
+            else:
+                if args.eval_every and run.summary["eval_step"] != global_step:
+                    run.log_evaluation(evaluate(agent, eval_env, envs.envs[0], args, device), global_step)
+                if args.save_model:
+                    torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
+                run.completed(global_step)
+            checkpoints.remove()  # a completed or exploded run has nothing left to resume
+        except KeyboardInterrupt:
+            run.interrupted(global_step, checkpoints)
+        except Exception as e:
+            run.failed(e, global_step)
+        finally:
+            run.close()
+            envs.close()
+            if eval_env is not None:
+                eval_env.close()
+    return run.summary
+
+
+# =========================================================================================================
+# The machinery: everything below makes a run safe to cut and its explosions explainable, and changes no
+# result. Epoch guard, CUDA graphs, run record, checkpoint/resume, and the command line.
+# =========================================================================================================
+
+
+def copy_tensors(destinations, sources):
+    with torch.no_grad():
+        for destination, source in zip(destinations, sources):
+            destination.copy_(source)
 
 
 def prime_optimizer(optimizer, params):
@@ -528,10 +745,33 @@ def prime_optimizer(optimizer, params):
     return params + [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
 
-def optimizer_step(optimizer, record):
-    # fused Adam and SGD skip the step on the device when found_inf is 1, as under AMP's GradScaler
-    optimizer.found_inf = record[NONFINITE]
-    optimizer.step()
+class EpochGuard:
+    """--on-nonfinite stop: the training state at the start of each epoch. A non-finite step shows in the
+    epoch's one read from the device, after the epoch's later steps ran; the epoch is then rolled back and
+    redone eagerly up to that step, so the postmortem holds its minibatch and the state before it."""
+
+    def __init__(self, state_tensors, params, optimizer, compute_step, enabled):
+        self.state_tensors, self.params, self.optimizer, self.compute_step = state_tensors, params, optimizer, compute_step
+        self.enabled = enabled
+        self.saved = [t.clone() for t in state_tensors]
+
+    def snapshot(self):
+        if self.enabled:
+            copy_tensors(self.saved, self.state_tensors)
+
+    def check(self, epoch_records, minibatches, epoch):
+        """(The epoch's STEP_RECORDs, its Explosion or None)."""
+        if not (self.enabled and bool(recorded(epoch_records, "nonfinite").any())):
+            return epoch_records, None
+        copy_tensors(self.state_tensors, self.saved)
+        redone = []
+        for mb in minibatches:
+            redone.append(self.compute_step(mb, use_graph=False))
+            if recorded(redone[-1], "nonfinite"):
+                reason = nonfinite_reason(recorded(redone[-1], "loss"), self.params)
+                return torch.stack(redone), Explosion(reason, mb, redone[-1], epoch)
+            optimizer_step(self.optimizer, redone[-1])
+        return torch.stack(redone), None
 
 
 def capture(fn, *static_args):
@@ -550,28 +790,17 @@ def capture(fn, *static_args):
     return graph, static_output
 
 
-def make_gradient_step(agent, optimizer, args, surrogate_fn, graphed):
-    """gradient_step(minibatch, use_graph=graphed) -> STEP_RECORD tensor: zero the gradients, loss,
-    backward, clip. Nothing in it waits for the device; whether the step is finite stays a device tensor
-    for optimizer_step. graphed: the step of each minibatch size (1000 in minibatches of 64 leaves a last
-    one of 40) is captured once in a CUDA graph and replayed, one launch instead of hundreds, which is
-    what a GPU update of these small networks is bound by. The optimizer step stays outside the graph, so
-    the learning rate may change."""
-    params = list(agent.parameters())
-    max_grad_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+def make_compute_step(agent, optimizer, args, surrogate_fn, graphed):
+    """compute_step(minibatch, use_graph=graphed) -> gradient_step's STEP_RECORD. graphed: the step of each
+    minibatch size (1000 in minibatches of 64 leaves a last one of 40) is captured once in a CUDA graph and
+    replayed, one launch instead of hundreds, which is what a GPU update of these small networks is bound
+    by. The optimizer step stays outside the graph, so the learning rate may change."""
     graphs = {}  # minibatch size -> (static minibatch, graph, static record)
 
     def eager(mb):
-        # graphs write the gradients in place, so these must stay the same tensors; else backward's own cost less
-        optimizer.zero_grad(set_to_none=not graphed)
-        loss, pg_loss, v_loss, entropy, stats = minibatch_loss(agent, mb, args, surrogate_fn)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
-        nonfinite = ~(loss.isfinite() & grad_norm.isfinite())
-        return torch.stack([loss, pg_loss, v_loss, entropy, grad_norm, nonfinite,
-                            *(stats[key] for key in STEP_RECORD[NONFINITE + 1:])]).detach().float()
+        return gradient_step(agent, optimizer, mb, args, surrogate_fn, keep_grads=graphed)
 
-    def gradient_step(mb, use_graph=graphed):
+    def compute_step(mb, use_graph=graphed):
         if not use_graph:
             return eager(mb)
         size = len(mb["obs"])
@@ -584,7 +813,7 @@ def make_gradient_step(agent, optimizer, args, surrogate_fn, graphed):
         graph.replay()
         return static_record.clone()
 
-    return gradient_step
+    return compute_step
 
 
 def make_policy_mean(agent, num_envs, obs_dim, device, graphed):
@@ -604,6 +833,219 @@ def make_policy_mean(agent, num_envs, obs_dim, device, graphed):
     return policy_mean
 
 
+def iteration_telemetry(agent, initial_actor_mean, batch, rollout, step_records):
+    """The iteration's stability scalars (the paper's figures) and CleanRL's loss scalars."""
+    steps = dict(zip(STEP_RECORD, step_records.T))
+    with torch.no_grad():
+        raw_means = agent.actor_mean(batch["obs"])
+        current_std = agent.std()
+        kl = gaussian_kl(agent.transform_mean(raw_means), current_std, batch["old_means"], batch["old_std"]).mean()
+        policy_l2 = (raw_means - initial_actor_mean(batch["obs"])).pow(2).mean().sqrt()
+        outside = (batch["old_means"] < agent.action_low) | (batch["old_means"] > agent.action_high)
+        telemetry = {
+            "stability/max_log10_ratio": float(steps["max_log_ratio_effective"].max()) / math.log(10),
+            "stability/max_log10_ratio_raw": float(steps["max_log_ratio"].max()) / math.log(10),
+            "stability/log10_kl": math.log10(float(kl)) if float(kl) > 0 else -math.inf,
+            "stability/min_std": float(current_std.min()),
+            "stability/mean_abs_advantage": float(np.abs(rollout["advantages"]).mean()),
+            "stability/max_abs_mean": float(batch["old_means"].abs().max()),
+            "stability/frac_mean_outside": float(outside.float().mean()),
+            "stability/min_old_log_prob": float(batch["logprobs"].min()),
+            "stability/grad_norm": float(steps["grad_norm"].max()),
+            "stability/policy_l2_from_init": float(policy_l2),
+            "losses/approx_kl": float(steps["approx_kl"].mean()),
+            "losses/clipfrac": float(steps["clip_frac"].mean()),
+        }
+        applied = steps["nonfinite"] == 0
+        if applied.any():
+            returns, values = rollout["returns"], rollout["values"]
+            var_y = np.var(returns)
+            telemetry["losses/policy_loss"] = float(steps["pg_loss"][applied].mean())
+            telemetry["losses/value_loss"] = float(steps["v_loss"][applied].mean())
+            telemetry["losses/entropy"] = float(steps["entropy"][applied].mean())
+            telemetry["losses/explained_variance"] = np.nan if var_y == 0 else float(1 - np.var(returns - values) / var_y)
+    return telemetry
+
+
+def explosion_message(explosion, telemetry, global_step, iteration, postmortem_path):
+    """A short diagnosis: the stability figures at the exploding step (ratios in log10)."""
+    step = dict(zip(STEP_RECORD, explosion.step_record.tolist()))
+    return (f"EXPLODED at global step {global_step} (iteration {iteration}, epoch {explosion.epoch}): "
+            f"{explosion.reason} (loss {step['loss']:.4g}, grad norm {step['grad_norm']:.4g}); "
+            f"max log10 ratio {telemetry['stability/max_log10_ratio']:.4g} "
+            f"(raw {telemetry['stability/max_log10_ratio_raw']:.4g}), ratio overflows {int(step['n_overflow'])}, "
+            f"log10 KL {telemetry['stability/log10_kl']:.3g}, min std {telemetry['stability/min_std']:.3g}, "
+            f"max |mean| {telemetry['stability/max_abs_mean']:.4g} "
+            f"({100 * telemetry['stability/frac_mean_outside']:.0f}% outside the action box), "
+            f"min old log-prob {telemetry['stability/min_old_log_prob']:.4g}. Replay: {postmortem_path}")
+
+
+def write_atomically(path, write):
+    """write(temporary path), then rename it to path: a reader, or a crash, never sees half a file."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def versions():
+    try:
+        import mujoco
+    except ImportError:
+        mujoco = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+            "mujoco": mujoco and mujoco.__version__, "numpy": np.__version__, "tyro": tyro.__version__}
+
+
+EVAL_FIELDS = ("eval_return", "max_eval_return", "eval_step")
+
+
+class RunRecord:
+    """What a run leaves in its folder besides checkpoint.pt: TensorBoard events, summary.json (rewritten
+    every iteration and at the end, whatever the end) and, on an explosion, postmortem.pt; and the counters
+    they report."""
+
+    def __init__(self, args, run_dir, run_name, total_timesteps, checkpoint):
+        self.args, self.run_dir, self.run_name = args, run_dir, run_name
+        self.summary_path = os.path.join(run_dir, "summary.json")
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, monitor_gym=True, save_code=True)
+        # a resumed run hides what the run it continues logged after the checkpoint
+        self.writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
+        if checkpoint is None:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.summary = {
+            "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
+            "global_step": 0, "total_timesteps": total_timesteps, "exploded": False, "explosion_step": None,
+            "explosion_reason": None, "nonfinite_updates": 0, "episodes": 0, "final_return": None,
+            "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0, "sps": 0.0,
+            "versions": versions(),
+        }
+        if args.eval_every:
+            self.summary.update(dict.fromkeys(EVAL_FIELDS))
+        self.episode_returns, self.moving_returns = [], []  # moving: mean of the last 10 episodes
+        self.nonfinite_updates, self.max_log10_ratio = 0, -math.inf
+        self.start_time, self.start_cpu_time = time.time(), time.process_time()
+        if checkpoint:
+            self.episode_returns, self.moving_returns = list(checkpoint["episode_returns"]), list(checkpoint["moving_returns"])
+            self.nonfinite_updates, self.max_log10_ratio = checkpoint["nonfinite_updates"], checkpoint["max_log10_ratio"]
+            self.start_time -= checkpoint["wall_time_s"]
+            self.start_cpu_time -= checkpoint["cpu_time_s"]
+            self.summary.update(checkpoint["evaluation"])
+        self.write_summary("running", checkpoint["global_step"] if checkpoint else 0)
+
+    def state(self):
+        """The counters, for a checkpoint."""
+        return {"nonfinite_updates": self.nonfinite_updates, "max_log10_ratio": self.max_log10_ratio,
+                "episode_returns": list(self.episode_returns), "moving_returns": list(self.moving_returns),
+                "wall_time_s": time.time() - self.start_time, "cpu_time_s": time.process_time() - self.start_cpu_time,
+                "evaluation": {key: self.summary[key] for key in EVAL_FIELDS if key in self.summary}}
+
+    def recent_return(self):
+        """The mean return of the last 10 episodes (None before the first)."""
+        return float(np.mean(self.episode_returns[-10:])) if self.episode_returns else None
+
+    def sps(self, global_step):
+        return global_step / max(time.time() - self.start_time, 1e-9)
+
+    def on_episode(self, global_step, episode_return, episode_length):
+        self.episode_returns.append(episode_return)
+        self.moving_returns.append(self.recent_return())
+        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
+        self.writer.add_scalar("charts/episodic_length", episode_length, global_step)
+
+    def log_iteration(self, global_step, nonfinite, learning_rate, telemetry):
+        """Count the update's non-finite steps and log the iteration's scalars; returns them all."""
+        self.nonfinite_updates += nonfinite
+        if not math.isnan(telemetry["stability/max_log10_ratio"]):
+            self.max_log10_ratio = max(self.max_log10_ratio, telemetry["stability/max_log10_ratio"])
+        telemetry = {**telemetry, "stability/nonfinite_updates": self.nonfinite_updates,
+                     "charts/learning_rate": learning_rate, "charts/SPS": int(self.sps(global_step))}
+        for key, value in telemetry.items():
+            self.writer.add_scalar(key, value, global_step)
+        return telemetry
+
+    def log_evaluation(self, eval_return, global_step):
+        best = self.summary["max_eval_return"]
+        self.summary.update(eval_return=eval_return, eval_step=global_step,
+                            max_eval_return=eval_return if best is None else max(best, eval_return))
+        self.writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        print(f"evaluation at global_step={global_step}: return {eval_return:.1f} "
+              f"(deterministic policy, mean of {self.args.eval_episodes} episodes)", flush=True)
+
+    def write_summary(self, status, global_step, **fields):
+        self.summary.update(
+            status=status, global_step=global_step, nonfinite_updates=self.nonfinite_updates,
+            episodes=len(self.episode_returns), final_return=self.recent_return(),
+            max_return=max(self.moving_returns) if self.moving_returns else None,
+            max_log10_ratio=self.max_log10_ratio if math.isfinite(self.max_log10_ratio) else None,
+            wall_time_s=time.time() - self.start_time, cpu_time_s=time.process_time() - self.start_cpu_time,
+            sps=self.sps(global_step), **fields,
+        )
+        write_atomically(self.summary_path, lambda tmp: Path(tmp).write_text(json.dumps(self.summary, indent=2)))
+
+    def iteration_done(self, iteration, num_iterations, global_step, telemetry):
+        recent = self.recent_return()
+        print(f"iteration {iteration}/{num_iterations} global_step={global_step} "
+              f"return(last 10)={'n/a' if recent is None else f'{recent:.1f}'} "
+              f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={int(self.sps(global_step))}",
+              flush=True)
+        self.write_summary("running", global_step)
+
+    def completed(self, global_step):
+        self.write_summary("completed", global_step)
+        final = self.summary["final_return"]
+        evaluation = f", evaluation return {self.summary['eval_return']:.1f}" if self.args.eval_every else ""
+        print(f"completed {global_step} steps in {self.run_dir}: final return "
+              f"{'n/a' if final is None else f'{final:.1f}'} (mean of the last 10 episodes){evaluation}", flush=True)
+
+    def exploded(self, explosion, telemetry, global_step, iteration, agent, optimizer):
+        """postmortem.pt: the exploding minibatch, the networks and optimizer state before its step, and the
+        args, to replay it offline (see replay)."""
+        step = dict(zip(STEP_RECORD, explosion.step_record.cpu()))
+        path = os.path.join(self.run_dir, "postmortem.pt")
+        torch.save({
+            "reason": explosion.reason, "loss": step["loss"], "grad_norm": step["grad_norm"],
+            "global_step": global_step, "iteration": iteration, "epoch": explosion.epoch,
+            "minibatch": {key: value.detach().cpu() for key, value in explosion.minibatch.items()},
+            "agent": {key: value.cpu() for key, value in agent.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "args": asdict(self.args), "obs_dim": agent.critic[0].in_features,
+            "action_low": agent.action_low.cpu().numpy(), "action_high": agent.action_high.cpu().numpy(),
+            "stats": {key: step[key] for key in SURROGATE_STATS}, "telemetry": telemetry,
+        }, path)
+        print(explosion_message(explosion, telemetry, global_step, iteration, path), flush=True)
+        self.write_summary("exploded", global_step, exploded=True, explosion_step=global_step,
+                           explosion_reason=explosion.reason)
+
+    def interrupted(self, global_step, checkpoints):
+        # a second signal must not cut the checkpoint short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        checkpoints.write()
+        self.write_summary("interrupted", global_step)
+        saved = checkpoints.latest
+        resume = (f"; the checkpoint holds global step {saved['global_step']} (the start of iteration "
+                  f"{saved['iteration']}): continue with --resume {self.run_dir}") if saved else ""
+        print(f"interrupted at global step {global_step}; summary in {self.summary_path}{resume}", file=sys.stderr)
+
+    def failed(self, error, global_step):
+        with open(os.path.join(self.run_dir, "error.txt"), "w") as f:
+            traceback.print_exc(file=f)
+        self.write_summary("error", global_step, error=f"{type(error).__name__}: {error}")
+        where = "" if isinstance(error, EnvNonFinite) else f" (traceback in {self.run_dir}/error.txt)"
+        print(f"error: {error}{where}", file=sys.stderr)
+
+    def close(self):
+        self.writer.close()
+        if self.args.track:
+            import wandb
+
+            wandb.finish()
+
+
 def load_postmortem(path):
     """The agent, optimizer state, minibatch and args of an exploded step, as saved."""
     postmortem = torch.load(path, map_location="cpu", weights_only=False)
@@ -618,43 +1060,59 @@ def replay(path, device="cpu"):
     agent, postmortem, args = load_postmortem(path)
     agent.to(device)
     minibatch = {key: value.to(device) for key, value in postmortem["minibatch"].items()}
-    surrogate_fn = surrogate
-    if args.fused_loss:
-        import fused_loss
-
-        surrogate_fn = fused_loss.surrogate
-    loss, _, _, _, stats = minibatch_loss(agent, minibatch, args, surrogate_fn)
+    loss, _, _, _, stats = minibatch_loss(agent, minibatch, args, surrogate_function(args))
     loss.backward()
     grad_norm = nn.utils.get_total_norm([p.grad for p in agent.parameters() if p.grad is not None])
     return loss.detach(), grad_norm, stats
 
 
-def nonfinite_reason(loss, params):
-    if not all(bool(p.isfinite().all()) for p in params):
-        # the previous step made it so: the postmortem holds the networks after that step
-        return "non-finite parameter"
-    return "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
+# checkpoint.pt is written at the first iteration boundary and then at most once a minute: a hard kill
+# loses at most a minute of training, and a write (tens of ms for a [1024, 1024] Humanoid) that rarely
+# is not measurable. SIGTERM and Ctrl-C write the latest boundary's state whenever they come.
+CHECKPOINT_INTERVAL_S = 60
 
 
-def finite_or_none(x):
-    return x if x is None or math.isfinite(x) else None
+class Checkpoints:
+    """checkpoint.pt: the state at the latest iteration boundary, taken at every boundary (a few ms), so that
+    an interrupt mid-iteration saves the state at that iteration's start."""
+
+    def __init__(self, run_dir, resumed, args, run, agent, optimizer, envs, device):
+        self.path = os.path.join(run_dir, "checkpoint.pt")
+        self.latest = resumed  # until the first boundary, the checkpoint the run resumes from
+        self.args, self.run, self.agent, self.optimizer, self.envs, self.device = args, run, agent, optimizer, envs, device
+        self.written_at = -math.inf
+
+    def boundary(self, iteration, global_step, next_obs):
+        """Everything needed to go on from the start of `iteration` exactly as if never cut."""
+        self.latest = {
+            "algo": ALGO, "args": asdict(self.args), "run_name": self.run.run_name, "iteration": iteration,
+            "global_step": global_step, **self.run.state(),
+            "agent": copy.deepcopy(self.agent.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "next_obs": next_obs.copy(), "envs": env_state(self.envs), "rng": rng_state(self.device),
+        }
+        if time.time() - self.written_at >= CHECKPOINT_INTERVAL_S:
+            self.write()
+
+    def write(self):
+        if self.latest is not None:
+            write_atomically(self.path, lambda tmp: torch.save(self.latest, tmp))
+            self.written_at = time.time()
+
+    def remove(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
 
-def write_json_atomically(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(checkpoint, path):
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(run_dir):
-    """The checkpoint and args of an unfinished run; a BadArgument when there is nothing to resume."""
+def resolve_run(args):
+    """(args, checkpoint, run folder, run name): with --resume, those of the run to continue; else a copy of
+    args (the caller's are never changed), no checkpoint, and a new folder."""
+    if not args.resume:
+        env_name = args.env_id.replace("/", "-").replace(":", "-")
+        run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        return dataclasses.replace(args), None, os.path.join(args.log_dir, run_name), run_name
+    if args != Args(resume=args.resume):
+        raise BadArgument("--resume takes no other flag: the run goes on with its own args")
+    run_dir = args.resume
     try:
         with open(os.path.join(run_dir, "summary.json")) as f:
             status = json.load(f)["status"]
@@ -669,10 +1127,10 @@ def load_checkpoint(run_dir):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         algo, args = checkpoint["algo"], Args(**checkpoint["args"])
     except Exception as e:
-        raise BadArgument(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise BadArgument(f"cannot read {path}: {first_line(e)}")
     if algo != ALGO:
         raise BadArgument(f"{path} is a {algo} run: resume it with {algo}_continuous.py")
-    return checkpoint, args
+    return args, checkpoint, run_dir, checkpoint["run_name"]
 
 
 # what gymnasium's wrappers and envs carry from step to step besides the simulator: TimeLimit's step
@@ -742,330 +1200,34 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def versions():
-    try:
-        import mujoco
-    except ImportError:
-        mujoco = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
-            "mujoco": mujoco and mujoco.__version__, "numpy": np.__version__, "tyro": tyro.__version__}
-
-
 def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
-    checkpoint = None  # the state at the latest iteration boundary
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """For the run's length SIGTERM interrupts it as Ctrl-C does; the handlers are put back after."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        if args.resume:
-            if args != Args(resume=args.resume):
-                raise BadArgument("--resume takes no other flag: the run goes on with its own args")
-            run_dir = args.resume
-            checkpoint, args = load_checkpoint(run_dir)
-            run_name = checkpoint["run_name"]
-        check_args(args)
-        if args.fused_loss:
-            try:
-                import fused_loss
-            except ImportError as e:
-                raise BadArgument(f"--fused-loss needs fused_loss.py beside this script ({e})")
-            surrogate_fn = fused_loss.surrogate
-        else:
-            surrogate_fn = surrogate
-        if args.track:
-            try:
-                import wandb
-            except ImportError:
-                raise BadArgument("--track needs wandb: pip install wandb")
-        if checkpoint is None:
-            env_name = args.env_id.replace("/", "-").replace(":", "-")
-            run_name = args.run_name or f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-            run_dir = os.path.join(args.log_dir, run_name)
-        envs = make_envs(args, run_dir)
-        eval_env = make_eval_env(args, run_dir) if args.eval_every else None
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+EXIT_CODES = {"completed": 0, "exploded": 3, "interrupted": 130, "error": 1}
+
+
+def main():
+    args = tyro.cli(Args)
+    try:
+        summary = train(args)
     except BadArgument as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    os.makedirs(run_dir, exist_ok=True)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    sys.exit(EXIT_CODES[summary["status"]])
 
-    if args.track:
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
-    # a resumed run hides what the run it continues logged after the checkpoint
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-        )
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda else "cpu")
-
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
-    obs_dim = envs.single_observation_space.shape[0]
-    action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
-    act_dim = len(action_low)
-    agent = Agent(obs_dim, action_low, action_high, args).to(device)
-    # the mean network at initialisation, for the distance the policy has travelled (Fig. 7b,c); a
-    # resumed run gets it from the seed, as the run it continues did
-    initial_actor_mean = copy.deepcopy(agent.actor_mean).requires_grad_(False)
-    params = list(agent.parameters())
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
-    else:
-        optimizer = torch.optim.SGD(params, lr=args.learning_rate, fused=True)
-
-    summary = {
-        "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
-        "global_step": 0, "total_timesteps": num_iterations * batch_size, "exploded": False,
-        "explosion_step": None, "explosion_reason": None, "nonfinite_updates": 0, "episodes": 0,
-        "final_return": None, "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0,
-        "sps": 0.0,
-        "versions": versions(),
-    }
-    if args.eval_every:
-        summary.update(eval_return=None, max_eval_return=None, eval_step=None)
-    summary_path = os.path.join(run_dir, "summary.json")
-    episode_returns, moving_returns = [], []  # moving: mean of the last 10 episodes
-    first_iteration, global_step, nonfinite_updates, max_log10_ratio = 1, 0, 0, -math.inf
-    start_time, start_cpu_time = time.time(), time.process_time()
-    if checkpoint:
-        agent.load_state_dict(checkpoint["agent"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        episode_returns, moving_returns = list(checkpoint["episode_returns"]), list(checkpoint["moving_returns"])
-        first_iteration, global_step = checkpoint["iteration"], checkpoint["global_step"]
-        nonfinite_updates, max_log10_ratio = checkpoint["nonfinite_updates"], checkpoint["max_log10_ratio"]
-        start_time -= checkpoint["wall_time_s"]
-        start_cpu_time -= checkpoint["cpu_time_s"]
-        summary.update(checkpoint["evaluation"])
-    state_tensors = prime_optimizer(optimizer, params)
-    epoch_start = [t.clone() for t in state_tensors]
-    graphed = device.type == "cuda" and args.cuda_graphs
-    gradient_step = make_gradient_step(agent, optimizer, args, surrogate_fn, graphed)
-    policy_mean = make_policy_mean(agent, args.num_envs, obs_dim, device, graphed)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    last_checkpoint_time = -math.inf
-    exit_code = 0
-
-    def on_episode(step, episode_return, episode_length):
-        episode_returns.append(episode_return)
-        moving_returns.append(float(np.mean(episode_returns[-10:])))
-        writer.add_scalar("charts/episodic_return", episode_return, step)
-        writer.add_scalar("charts/episodic_length", episode_length, step)
-
-    def write_summary(status, **fields):
-        recent = episode_returns[-10:]
-        summary.update(
-            status=status, global_step=global_step, nonfinite_updates=nonfinite_updates,
-            episodes=len(episode_returns), final_return=float(np.mean(recent)) if recent else None,
-            max_return=max(moving_returns) if moving_returns else None,
-            max_log10_ratio=finite_or_none(max_log10_ratio) if max_log10_ratio > -math.inf else None,
-            wall_time_s=time.time() - start_time, cpu_time_s=time.process_time() - start_cpu_time,
-            sps=global_step / max(time.time() - start_time, 1e-9), **fields,
-        )
-        write_json_atomically(summary_path, summary)
-
-    def evaluate_policy():
-        eval_return = evaluate(agent, eval_env, envs.envs[0], args, device)
-        best = summary["max_eval_return"]
-        summary.update(eval_return=eval_return, max_eval_return=eval_return if best is None else max(best, eval_return),
-                       eval_step=global_step)
-        writer.add_scalar("eval/episodic_return", eval_return, global_step)
-        print(f"evaluation at global_step={global_step}: return {eval_return:.1f} "
-              f"(deterministic policy, mean of {args.eval_episodes} episodes)", flush=True)
-
-    def boundary_state(iteration):
-        """Everything needed to go on from the start of `iteration` exactly as if never cut."""
-        return {
-            "algo": ALGO, "args": asdict(args), "run_name": run_name, "iteration": iteration,
-            "global_step": global_step, "nonfinite_updates": nonfinite_updates, "max_log10_ratio": max_log10_ratio,
-            "episode_returns": list(episode_returns), "moving_returns": list(moving_returns),
-            "wall_time_s": time.time() - start_time, "cpu_time_s": time.process_time() - start_cpu_time,
-            "agent": copy.deepcopy(agent.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "next_obs": next_obs.copy(), "envs": env_state(envs), "rng": rng_state(device),
-            "evaluation": {key: summary[key] for key in ("eval_return", "max_eval_return", "eval_step") if key in summary},
-        }
-
-    write_summary("running")
-    try:
-        next_obs, _ = envs.reset(seed=args.seed)
-        if checkpoint:
-            next_obs = restore_env_state(envs, checkpoint["envs"], checkpoint["next_obs"])
-            set_rng_state(checkpoint["rng"], device)
-        for iteration in range(first_iteration, num_iterations + 1):
-            # taken every iteration (a few ms) so that an interrupt mid-iteration saves the state at its start
-            checkpoint = boundary_state(iteration)
-            if time.time() - last_checkpoint_time >= CHECKPOINT_INTERVAL_S:
-                save_checkpoint(checkpoint, checkpoint_path)
-                last_checkpoint_time = time.time()
-            if args.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / num_iterations
-                optimizer.param_groups[0]["lr"] = frac * args.learning_rate
-
-            batch, rollout, next_obs, global_step = collect_rollout(
-                envs, agent, policy_mean, next_obs, args, device, global_step, on_episode)
-
-            records, exploded = [], None
-            for epoch in range(args.update_epochs):
-                # one gather per epoch: the minibatches are then views of the shuffled batch
-                permutation = torch.randperm(batch_size, device=device)
-                shuffled = {key: value[permutation] for key, value in batch.items()}
-                minibatches = [{key: value[start: start + args.minibatch_size] for key, value in shuffled.items()}
-                               for start in range(0, batch_size, args.minibatch_size)]
-                if args.on_nonfinite == "stop":
-                    with torch.no_grad():
-                        for saved, tensor in zip(epoch_start, state_tensors):
-                            saved.copy_(tensor)
-                epoch_records = []
-                for mb in minibatches:
-                    epoch_records.append(gradient_step(mb))
-                    optimizer_step(optimizer, epoch_records[-1])
-                epoch_records = torch.stack(epoch_records)
-                # the epoch's one wait for the device; on a non-finite step, roll the epoch back and redo
-                # it step by step up to that step, so the postmortem holds its minibatch and the state before it
-                if args.on_nonfinite == "stop" and bool(epoch_records[:, NONFINITE].any()):
-                    with torch.no_grad():
-                        for saved, tensor in zip(epoch_start, state_tensors):
-                            tensor.copy_(saved)
-                    replayed = []
-                    for mb in minibatches:
-                        replayed.append(gradient_step(mb, use_graph=False))
-                        if replayed[-1][NONFINITE]:
-                            exploded = (nonfinite_reason(replayed[-1][STEP_RECORD.index("loss")], params),
-                                        mb, replayed[-1], epoch)
-                            break
-                        optimizer_step(optimizer, replayed[-1])
-                    epoch_records = torch.stack(replayed)
-                records.append(epoch_records)
-                if exploded:
-                    break
-                if args.target_kl is not None and epoch_records[-1, STEP_RECORD.index("approx_kl")] > args.target_kl:
-                    break
-            steps = dict(zip(STEP_RECORD, torch.cat(records).T))
-            nonfinite_updates += int(steps["nonfinite"].sum())
-            # a step that makes a parameter non-finite shows in the next minibatch's loss; this catches
-            # the last step, and stops even in skip mode, since nothing can be learned from there on
-            if not exploded and not torch.isfinite(nn.utils.get_total_norm(params)):
-                nonfinite_updates += 1
-                exploded = ("non-finite parameter", mb, epoch_records[-1], epoch)
-
-            # stability telemetry of the iteration (the paper's figures)
-            with torch.no_grad():
-                max_log10 = float(steps["max_log_ratio_effective"].max()) / math.log(10)
-                max_log10_raw = float(steps["max_log_ratio"].max()) / math.log(10)
-                if not math.isnan(max_log10):
-                    max_log10_ratio = max(max_log10_ratio, max_log10)
-                raw_means = agent.actor_mean(batch["obs"])
-                current_std = agent.std()
-                kl = gaussian_kl(agent.transform_mean(raw_means), current_std, batch["old_means"], batch["old_std"])
-                kl = kl.mean()
-                policy_l2 = (raw_means - initial_actor_mean(batch["obs"])).pow(2).mean().sqrt()
-                outside = (batch["old_means"] < agent.action_low) | (batch["old_means"] > agent.action_high)
-                telemetry = {
-                    "stability/max_log10_ratio": max_log10,
-                    "stability/max_log10_ratio_raw": max_log10_raw,
-                    "stability/log10_kl": math.log10(float(kl)) if float(kl) > 0 else -math.inf,
-                    "stability/min_std": float(current_std.min()),
-                    "stability/mean_abs_advantage": float(np.abs(rollout["advantages"]).mean()),
-                    "stability/max_abs_mean": float(batch["old_means"].abs().max()),
-                    "stability/frac_mean_outside": float(outside.float().mean()),
-                    "stability/min_old_log_prob": float(batch["logprobs"].min()),
-                    "stability/grad_norm": float(steps["grad_norm"].max()),
-                    "stability/policy_l2_from_init": float(policy_l2),
-                    "stability/nonfinite_updates": nonfinite_updates,
-                    "losses/approx_kl": float(steps["approx_kl"].mean()),
-                    "losses/clipfrac": float(steps["clip_frac"].mean()),
-                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "charts/SPS": int(global_step / (time.time() - start_time)),
-                }
-                applied = steps["nonfinite"] == 0
-                if applied.any():
-                    pg_mean, v_mean, entropy_mean = (float(steps[key][applied].mean())
-                                                     for key in ("pg_loss", "v_loss", "entropy"))
-                    returns, values = rollout["returns"], rollout["values"]
-                    var_y = np.var(returns)
-                    telemetry["losses/policy_loss"] = pg_mean
-                    telemetry["losses/value_loss"] = v_mean
-                    telemetry["losses/entropy"] = entropy_mean
-                    telemetry["losses/explained_variance"] = (
-                        np.nan if var_y == 0 else float(1 - np.var(returns - values) / var_y))
-            for key, value in telemetry.items():
-                writer.add_scalar(key, value, global_step)
-
-            if exploded:
-                reason, mb, record, epoch = exploded
-                record = dict(zip(STEP_RECORD, record.cpu()))
-                postmortem_path = os.path.join(run_dir, "postmortem.pt")
-                torch.save({
-                    "reason": reason, "loss": record["loss"], "grad_norm": record["grad_norm"],
-                    "global_step": global_step, "iteration": iteration, "epoch": epoch,
-                    "minibatch": {key: value.detach().cpu() for key, value in mb.items()},
-                    "agent": {key: value.cpu() for key, value in agent.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "args": asdict(args), "obs_dim": obs_dim,
-                    "action_low": action_low, "action_high": action_high,
-                    "stats": {key: record[key] for key in STEP_RECORD[NONFINITE + 1:]},
-                    "telemetry": telemetry,
-                }, postmortem_path)
-                print(f"EXPLODED at global step {global_step} (iteration {iteration}, epoch {epoch}): {reason} "
-                      f"(loss {float(record['loss']):.4g}, grad norm {float(record['grad_norm']):.4g}); "
-                      f"max log10 ratio {telemetry['stability/max_log10_ratio']:.4g} "
-                      f"(raw {telemetry['stability/max_log10_ratio_raw']:.4g}), "
-                      f"ratio overflows {int(record['n_overflow'])}, "
-                      f"log10 KL {telemetry['stability/log10_kl']:.3g}, "
-                      f"min std {telemetry['stability/min_std']:.3g}, "
-                      f"max |mean| {telemetry['stability/max_abs_mean']:.4g} "
-                      f"({100 * telemetry['stability/frac_mean_outside']:.0f}% outside the action box), "
-                      f"min old log-prob {telemetry['stability/min_old_log_prob']:.4g}. "
-                      f"Replay: {postmortem_path}", flush=True)
-                write_summary("exploded", exploded=True, explosion_step=global_step, explosion_reason=reason)
-                exit_code = 3
-                break
-            if args.eval_every and global_step // args.eval_every > (global_step - batch_size) // args.eval_every:
-                evaluate_policy()
-            sps = int(global_step / (time.time() - start_time))
-            recent = f"{np.mean(episode_returns[-10:]):.1f}" if episode_returns else "n/a"
-            print(f"iteration {iteration}/{num_iterations} global_step={global_step} return(last 10)={recent} "
-                  f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={sps}", flush=True)
-            write_summary("running")
-        else:
-            if args.eval_every and summary["eval_step"] != global_step:
-                evaluate_policy()
-            if args.save_model:
-                torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
-            write_summary("completed")
-        # a completed or exploded run has nothing left to resume
-        if os.path.exists(checkpoint_path):
-            os.remove(checkpoint_path)
-    except KeyboardInterrupt:
-        # a second signal must not cut the checkpoint short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if checkpoint:
-            save_checkpoint(checkpoint, checkpoint_path)
-        write_summary("interrupted")
-        print(f"interrupted at global step {global_step}; summary in {summary_path}"
-              + (f"; continue with --resume {run_dir}" if checkpoint else ""), file=sys.stderr)
-        exit_code = 130
-    except Exception as e:
-        with open(os.path.join(run_dir, "error.txt"), "w") as f:
-            traceback.print_exc(file=f)
-        write_summary("error", error=f"{type(e).__name__}: {e}")
-        where = "" if isinstance(e, EnvNonFinite) else f" (traceback in {run_dir}/error.txt)"
-        print(f"error: {e}{where}", file=sys.stderr)
-        exit_code = 1
-    finally:
-        writer.close()
-        envs.close()
-        if eval_env is not None:
-            eval_env.close()
-        if args.track:
-            wandb.finish()
-    sys.exit(exit_code)
+if __name__ == "__main__":
+    main()

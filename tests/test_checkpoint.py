@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.test_training import SCRIPTS, STAGGERED, TINY, interrupt, main, run, scalars_of, summary_of
+from tests.helpers import SCRIPTS, STAGGERED, TINY, cli_in_process, interrupt, run_script, scalars_of, summary_of
 
 # six iterations each, cut after the second: the signal comes in the third (or, late, the second)
 HOPPER = ["--env-id", "Hopper-v4", *TINY, "--num-envs", 2, "--num-steps", 32, "--minibatch-size", 32,
@@ -22,7 +22,7 @@ SAME_IN_BOTH = ["global_step", "episodes", "final_return", "max_return", "max_lo
                                                     "ppo-staggered"])
 def test_cut_and_resumed_run_is_bit_identical_to_an_uncut_one(script, args, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    result = run(script, *args, "--save-model", "--log-dir", tmp_path, "--run-name", "whole")
+    result = run_script(script, *args, "--save-model", "--log-dir", tmp_path, "--run-name", "whole")
     assert result.returncode == 0, result.stderr
     assert not (whole / "checkpoint.pt").exists()  # nothing is left to resume
 
@@ -34,7 +34,7 @@ def test_cut_and_resumed_run_is_bit_identical_to_an_uncut_one(script, args, tmp_
     checkpoint = torch.load(cut / "checkpoint.pt", weights_only=False)
     assert checkpoint["iteration"] in (last_printed, last_printed + 1)
 
-    result = run(script, "--resume", cut)
+    result = run_script(script, "--resume", cut)
     assert result.returncode == 0, result.stderr
     assert summary_of(cut)["status"] == "completed" and not (cut / "checkpoint.pt").exists()
     expected, resumed = summary_of(whole), summary_of(cut)
@@ -65,7 +65,7 @@ def test_resume_refuses_what_it_cannot_continue(script, tmp_path):
         (["--resume", tmp_path / "empty"], "no checkpoint to resume from"),
         (["--resume", tmp_path / "other"], f"is a {other_algo} run"),
     ]:
-        code, stderr = main(script, *args)
+        code, stderr = cli_in_process(script, *args)
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], (args, stderr)
     assert not any((tmp_path / "empty").iterdir())

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from tests.test_training import ROOT, SCRIPTS, SHIFTED_HUMANOID, load_script, run, summary_of
+from tests.helpers import (ROOT, SCRIPTS, SHIFTED_HUMANOID, assert_equal_tensors, load, load_script, run_script,
+                           scripts_at, summary_of)
 
 # the last commit whose scripts read every minibatch's loss and gradient norm on the host
 PRE_FAST_PATH = "ebe6f92"
@@ -24,29 +25,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def pre_fast_path(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pre_fast_path")
-    for script in SCRIPTS:
-        shown = subprocess.run(["git", "show", f"{PRE_FAST_PATH}:{script}"], cwd=ROOT, capture_output=True, text=True)
-        if shown.returncode:
-            pytest.skip(f"this checkout's git history lacks {PRE_FAST_PATH}: {shown.stderr.strip()}")
-        (folder / script).write_text(shown.stdout)
-    return folder
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def assert_equal_tensors(before, after):
-    assert before.keys() == after.keys()
-    for key in before:
-        torch.testing.assert_close(torch.as_tensor(after[key]).double(), torch.as_tensor(before[key]).double(),
-                                   rtol=0, atol=0, equal_nan=True, msg=key)
+    return scripts_at(PRE_FAST_PATH, tmp_path_factory.mktemp("pre_fast_path"))
 
 
 def run_both(script, flags, old_folder, tmp_path):
     for name, folder in [("before", old_folder), ("after", ROOT)]:
-        result = run(script, *flags, "--log-dir", tmp_path, "--run-name", name, script_dir=folder)
+        result = run_script(script, *flags, "--log-dir", tmp_path, "--run-name", name, script_dir=folder)
         assert result.returncode in (0, 3), result.stderr
     before, after = summary_of(tmp_path / "before"), summary_of(tmp_path / "after")
     assert {k: v for k, v in before.items() if k not in TIMING} == {k: v for k, v in after.items() if k not in TIMING}
@@ -84,7 +68,7 @@ def test_cpu_explosion_postmortem_is_that_of_before(pre_fast_path, tmp_path):
 
 def graphed_and_eager(script, flags, tmp_path):
     for name, extra in [("graphed", []), ("eager", ["--no-cuda-graphs"])]:
-        result = run(script, "--cuda", *flags, *extra, "--log-dir", tmp_path, "--run-name", name)
+        result = run_script(script, "--cuda", *flags, *extra, "--log-dir", tmp_path, "--run-name", name)
         assert result.returncode in (0, 3), result.stderr
     return summary_of(tmp_path / "graphed"), summary_of(tmp_path / "eager")
 

@@ -15,13 +15,9 @@ import pytest
 import torch
 
 import fused_loss as F
+from tests.helpers import DTYPES, EDGE_ADVS, EPS, EPSS, NAN, ROOT, assert_matches, edge_case, loss_grad_stats
 
-EPS = 0.2
-EPSS = [0.1, EPS, 0.3]  # a kernel ignoring clip_coef passes every test that only uses the default
-DTYPES = [torch.float32, torch.float64]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
-INF, NAN = math.inf, math.nan
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -44,84 +40,6 @@ def python(code, **env):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def run(fn, new, old, adv, kind, view=None, upstream=1.0, eps=EPS):
-    """loss, d loss / d new_logp (through autograd), stats. `view` maps the leaves to the inputs."""
-    leaf = new.detach().clone().requires_grad_()
-    view = view or (lambda t: t)
-    loss, stats = fn(view(leaf), view(old), view(adv), eps, kind)
-    (loss * upstream).backward()
-    return loss.detach(), leaf.grad, stats
-
-
-# On CPU the extension calls the exp eager torch.exp uses (MKL VML on x86 builds), so every
-# per-element result is bit-identical there; elsewhere ratios may differ in the last ulp.
-EXACT_EXP_CPU = torch.backends.mkl.is_available()
-EXACT = dict(rtol=0, atol=0)
-
-
-def assert_matches(ref, got):
-    (l0, g0, s0), (l1, g1, s1) = ref, got
-    assert l1.shape == () and l1.dtype == l0.dtype and l1.device == l0.device
-    torch.testing.assert_close(l1, l0, equal_nan=True)  # sums: same terms, other order
-    exact_exp = EXACT if g0.device.type == "cpu" and EXACT_EXP_CPU else {}
-    torch.testing.assert_close(g1, g0, equal_nan=True, **exact_exp)
-    assert list(s1) == list(s0) == [*F.FLOAT_STATS, *F.INT_STATS]
-    for k in F.FLOAT_STATS:
-        assert s1[k].shape == () and s1[k].dtype == l0.dtype and not s1[k].requires_grad, k
-        if k == "clip_frac":
-            assert_within_one_ulp(s1[k], s0[k], k)
-            continue
-        tol = {} if k == "approx_kl" else EXACT  # maxima and minima are exact
-        torch.testing.assert_close(s1[k], s0[k], equal_nan=True, **tol, msg=lambda m, k=k: f"{k}: {m}")
-    for k in F.INT_STATS:
-        assert s1[k].shape == () and s1[k].dtype == torch.int64, k
-        assert s1[k].item() == s0[k].item(), (k, s1[k].item(), s0[k].item())
-
-
-def assert_within_one_ulp(got, want, name):
-    # count / N rounded once, against eager's float mean of a mask, which rounds differently on CUDA
-    assert (around([want.item()], want.dtype, 1) == got).any(), f"{name}: {got.item()!r} vs {want.item()!r}"
-
-
-def around(values, dtype, ulps):
-    """Each value rounded to dtype and its `ulps` neighbours on either side."""
-    out = []
-    for v in values:
-        x = torch.tensor(v, dtype=dtype)
-        up = down = x
-        out.append(x)
-        for _ in range(ulps):
-            up, down = torch.nextafter(up, torch.tensor(INF, dtype=dtype)), torch.nextafter(down, torch.tensor(-INF, dtype=dtype))
-            out += [up, down]
-    return torch.stack(out)
-
-
-ADVS = [1.5, -0.7, 0.0, 1e-3, -3.0]
-
-
-def grid(log_ratios, dtype, advs=ADVS, old=0.0):
-    """Every log-ratio against every advantage; new_logp = old + lr exactly when old = 0."""
-    lr = torch.as_tensor(log_ratios, dtype=dtype).repeat_interleave(len(advs))
-    adv = torch.tensor(advs, dtype=dtype).repeat(len(lr) // len(advs))
-    old_t = torch.full_like(lr, old)
-    return old_t + lr, old_t, adv
-
-
-def edge_case(case, dtype, eps):
-    big = {torch.float32: [88.5, 88.75, 88.8, 100.0], torch.float64: [709.5, 709.8, 710.0, 1000.0]}[dtype]
-    if case == "bounds":  # exactly at log(1 +- eps), log1p(+-eps) and 8 ulps either side: ppo ties and clamp ends
-        lrs = around([math.log(1 + eps), math.log(1 - eps), math.log1p(eps), math.log1p(-eps)], dtype, 8)
-        return grid(torch.cat([lrs, torch.tensor([0.0, 1e-4, -1e-4, 3.0, -3.0, 20.0, -20.0], dtype=dtype)]), dtype)
-    if case == "overflow":  # exp(log ratio) past the dtype's max, and just under it
-        return grid(big + [-b for b in big] + [0.1, 50.0], dtype, old=-2.5)
-    if case == "nonfinite":  # +-inf and NaN in each input
-        new, old, adv = grid([INF, -INF, NAN, 0.05, 1.0], dtype)
-        old[1::7], adv[2::11] = -INF, NAN
-        adv[3::13] = INF
-        return new, old, adv
-    raise ValueError(case)
-
-
 def random_inputs(n, dtype, device="cpu", seed=0, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     old = -1.0 - torch.rand(n, generator=g, dtype=dtype)
@@ -142,7 +60,7 @@ def random_inputs(n, dtype, device="cpu", seed=0, scale=0.3):
 def test_matches_reference(ext, kind, dtype, n, strided, device):
     new, old, adv = random_inputs(2 * n if strided else n, dtype, device, seed=n)
     view = (lambda t: t[::2]) if strided else None
-    assert_matches(run(F.surrogate_reference, new, old, adv, kind, view), run(ext_surrogate, new, old, adv, kind, view))
+    assert_matches(loss_grad_stats(F.surrogate_reference, new, old, adv, kind, view), loss_grad_stats(ext_surrogate, new, old, adv, kind, view))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -152,10 +70,10 @@ def test_matches_reference(ext, kind, dtype, n, strided, device):
 @pytest.mark.parametrize("kind", F.KINDS)
 def test_edge_cases_match_reference(ext, kind, dtype, case, eps, device):
     new, old, adv = (t.to(device) for t in edge_case(case, dtype, eps))
-    ref = run(F.surrogate_reference, new, old, adv, kind, eps=eps)
-    assert_matches(ref, run(ext_surrogate, new, old, adv, kind, eps=eps))
+    ref = loss_grad_stats(F.surrogate_reference, new, old, adv, kind, eps=eps)
+    assert_matches(ref, loss_grad_stats(ext_surrogate, new, old, adv, kind, eps=eps))
     if case == "overflow":  # the cases really do overflow, and only the ones they should
-        assert ref[2]["n_overflow"].item() == 3 * len(ADVS)
+        assert ref[2]["n_overflow"].item() == 3 * len(EDGE_ADVS)
         assert math.isinf(ref[2]["approx_kl"].item())
     if case == "nonfinite":
         assert ref[2]["n_nonfinite"].item() > 0 and not torch.isfinite(ref[1]).all()
@@ -166,9 +84,9 @@ def test_edge_cases_match_reference(ext, kind, dtype, case, eps, device):
 @pytest.mark.parametrize("kind", F.KINDS)
 def test_large_n_matches_reference_and_is_deterministic(ext, kind, dtype, device):
     new, old, adv = random_inputs(3_000_017, dtype, device, seed=1, scale=1.0)
-    got = run(ext_surrogate, new, old, adv, kind)
-    assert_matches(run(F.surrogate_reference, new, old, adv, kind), got)
-    again = run(ext_surrogate, new, old, adv, kind)
+    got = loss_grad_stats(ext_surrogate, new, old, adv, kind)
+    assert_matches(loss_grad_stats(F.surrogate_reference, new, old, adv, kind), got)
+    again = loss_grad_stats(ext_surrogate, new, old, adv, kind)
     assert torch.equal(got[0], again[0]) and torch.equal(got[1], again[1])
     assert all(torch.equal(got[2][k], again[2][k]) for k in got[2])
 
@@ -287,8 +205,8 @@ def test_torch_compile_fullgraph(ext, device):
 
     compiled = torch.compile(f, fullgraph=True)
     new, old, adv = random_inputs(1000, torch.float32, device, seed=6, scale=1.0)
-    l0, g0, s0 = run(lambda *a: f(*a[:3]), new, old, adv, "ppo")
-    l1, g1, s1 = run(lambda *a: compiled(*a[:3]), new, old, adv, "ppo")
+    l0, g0, s0 = loss_grad_stats(lambda *a: f(*a[:3]), new, old, adv, "ppo")
+    l1, g1, s1 = loss_grad_stats(lambda *a: compiled(*a[:3]), new, old, adv, "ppo")
     assert torch.equal(l0, l1) and torch.equal(g0, g1) and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 

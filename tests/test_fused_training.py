@@ -6,7 +6,7 @@ otherwise fall back to the reference without a word (the scripts run with PYTHON
 import pytest
 import torch
 
-from tests.test_training import SCRIPTS, SHIFTED_HUMANOID, TINY, load_script, run, scalars_of, summary_of
+from tests.helpers import SCRIPTS, SHIFTED_HUMANOID, TINY, load_script, run_script, scalars_of, summary_of
 
 # lr 3e-3 and 10 epochs move a fifth to a third of the log-ratios out of the clip range, so the
 # clipped branch of PPO's and CPG's objective, and where its bounds lie, shape the parameters
@@ -22,7 +22,7 @@ def extension_only(monkeypatch):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_fused_loss_trains_to_the_same_parameters(script, tmp_path):
     for name, flags in [("own", []), ("fused", ["--fused-loss"])]:
-        result = run(script, *SHORT, *flags, "--log-dir", tmp_path, "--run-name", name)
+        result = run_script(script, *SHORT, *flags, "--log-dir", tmp_path, "--run-name", name)
         assert result.returncode == 0, result.stderr
     own = torch.load(tmp_path / "own" / "model.pt", weights_only=False)["agent"]
     fused = torch.load(tmp_path / "fused" / "model.pt", weights_only=False)["agent"]
@@ -40,14 +40,14 @@ def test_fused_loss_fails_rather_than_fall_back(tmp_path, monkeypatch):
     # so the other tests, which pass, did train with the op: a build that cannot compile stops the run
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     monkeypatch.setenv("CXX", "false")
-    result = run("ppo_continuous.py", *SHORT, "--fused-loss", "--log-dir", tmp_path, "--run-name", "fused")
+    result = run_script("ppo_continuous.py", *SHORT, "--fused-loss", "--log-dir", tmp_path, "--run-name", "fused")
     assert result.returncode == 1
     assert "error: fused_loss: backend='extension' is unavailable: extension build failed" in result.stderr
 
 
 def test_fused_loss_detects_the_same_explosion(tmp_path):
     for name, flags in [("own", []), ("fused", ["--fused-loss"])]:
-        result = run("ppo_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 5000, *flags,
+        result = run_script("ppo_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 5000, *flags,
                      "--log-dir", tmp_path, "--run-name", name)
         assert result.returncode == 3, result.stderr
     own, fused = summary_of(tmp_path / "own"), summary_of(tmp_path / "fused")

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import fused_loss as F
-from tests.test_fused_loss import DTYPES, EPSS, assert_matches, edge_case, run
-from tests.test_training import load_script
+from tests.helpers import DTYPES, EPSS, assert_matches, edge_case, load_script, loss_grad_stats
 
 SCRIPT_KINDS = [("ppo_continuous.py", "ppo"), ("ppo_continuous.py", "is"), ("cpg_continuous.py", "cpg"),
                 ("vpg_continuous.py", "vpg")]
@@ -44,8 +43,8 @@ def test_script_surrogate_matches_the_reference(scripts, script, kind, dtype, ep
                edge_case("nonfinite", dtype, eps)]
     stats = []
     for new, old, adv in batches:
-        ref = run(F.surrogate_reference, new, old, adv, kind, eps=eps)
-        assert_matches(ref, run(scripts[script].surrogate, new, old, adv, kind, eps=eps))
+        ref = loss_grad_stats(F.surrogate_reference, new, old, adv, kind, eps=eps)
+        assert_matches(ref, loss_grad_stats(scripts[script].surrogate, new, old, adv, kind, eps=eps))
         stats.append(ref[2])
     assert stats[1]["n_overflow"].item() == 2 * len(ADVS)  # the overflow rows really overflow
     assert stats[3]["n_nonfinite"].item() > 0
@@ -92,7 +91,7 @@ def by_hand(new, old, adv, eps, kind):
 @pytest.mark.parametrize("kind", F.KINDS)
 def test_reference_matches_the_paper_by_hand(kind, dtype, eps):
     new, old, adv = grid(INSIDE + OUTSIDE, dtype)
-    loss, grad, stats = run(F.surrogate_reference, new, old, adv, kind, eps=eps)
+    loss, grad, stats = loss_grad_stats(F.surrogate_reference, new, old, adv, kind, eps=eps)
     want_loss, want_grad, want_stats = by_hand(new.tolist(), old.tolist(), adv.tolist(), eps, kind)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     assert loss.item() == pytest.approx(want_loss, abs=tol["atol"], rel=tol["rtol"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from tests.test_training import ROOT, SCRIPTS, STAGGERED, TINY, completed_run, load_script, main
+from tests.helpers import ROOT, SCRIPTS, STAGGERED, TINY, cli_in_process, completed_run, load_script
 
 # the box of tests.envs:LopsidedCounter-v0, whose upper edge low + (high - low) / 2 * 2 overshoots in float32
 LOW, HIGH = np.array([-0.4, -2.0], dtype=np.float32), np.array([0.7, 3.0], dtype=np.float32)
@@ -79,7 +79,7 @@ def test_squashed_training_logs_the_squashed_log_prob(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("args", [["--mean-transform", "clip"], ["--logprob-at", "raw"]])
 def test_squash_rejects_what_it_makes_meaningless(script, args, tmp_path):
-    code, stderr = main(script, *TINY, "--total-timesteps", 1000, "--squash", "tanh", *args, "--log-dir", tmp_path)
+    code, stderr = cli_in_process(script, *TINY, "--total-timesteps", 1000, "--squash", "tanh", *args, "--log-dir", tmp_path)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and args[0] in lines[0]

@@ -1,25 +1,16 @@
 """The three training scripts: data correctness, telemetry, flags, explosions, and bad input."""
-import contextlib
-import importlib.util
-import io
-import json
 import math
-import os
-import runpy
 import shutil
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["ppo_continuous.py", "cpg_continuous.py", "vpg_continuous.py"]
-TINY = ["--policy-hidden", "8", "--value-hidden", "8"]
+from tests.helpers import (ROOT, SCRIPTS, SHIFTED_HUMANOID, STAGGERED, TINY, cli_in_process, completed_run, interrupt,
+                           load_script, run_script, scalars_of, summary_of)
+
 STABILITY_SCALARS = [
     "stability/max_log10_ratio", "stability/max_log10_ratio_raw", "stability/log10_kl", "stability/min_std",
     "stability/mean_abs_advantage", "stability/max_abs_mean", "stability/frac_mean_outside",
@@ -36,73 +27,9 @@ SUMMARY_FIELDS = [
     "explosion_reason", "nonfinite_updates", "episodes", "final_return", "max_return", "max_log10_ratio",
     "wall_time_s", "sps", "versions",
 ]
-# the paper's central experiment (Appendix A.2): the mean shifted far outside Humanoid's action box
-SHIFTED_HUMANOID = ["--env-id", "Humanoid-v4", "--mean-shift", "100", "--policy-hidden", "1024", "1024"]
-# three envs that truncate their episodes after 2, 3 and 4 steps; two iterations of 32 steps each
-STAGGERED = ["--env-id", "tests.envs:StaggeredCounter-v0", "--num-envs", 3, "--num-steps", 32, "--minibatch-size", 32,
-             "--total-timesteps", 192, *TINY]
 # rewards x1000 keep every advantage of a run this short positive (the critic is still near 0), so the
 # clipped ratio is min(r, 1 + eps); lr 1e-2 moves ratios past 1 + eps within the epochs
 POSITIVE_ADVANTAGES = ["--reward-scale", 1000, "--learning-rate", 0.01]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run(script, *args, cwd=ROOT, timeout=300, script_dir=ROOT):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(Path(script_dir) / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def main(script, *args):
-    """Run a script's command line in this process, for exits before training (no start-up cost): its exit
-    code and stderr. The SIGTERM handler is put back, should a missed check start the run."""
-    handler, argv, stderr = signal.getsignal(signal.SIGTERM), sys.argv, io.StringIO()
-    sys.argv = [script, *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(stderr):
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-    finally:
-        sys.argv = argv
-        signal.signal(signal.SIGTERM, handler)
-    return exit_info.value.code, stderr.getvalue()
-
-
-def summary_of(run_dir):
-    return json.loads((Path(run_dir) / "summary.json").read_text())
-
-
-def scalars_of(run_dir, steps=False):
-    """Every scalar's values as TensorBoard shows them (purged events left out), with their steps if asked."""
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) if steps else e.value for e in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"]}
-
-
-def default_sigint():
-    """In the child: Ctrl-C semantics even when the tests run in the background (SIGINT inherited ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def interrupt(script, *args, after, signum=signal.SIGTERM):
-    """Run a script and send it `signum` once it has printed `iteration {after}/`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    printed = []
-    for line in process.stdout:
-        printed.append(line)
-        if line.startswith(f"iteration {after}/"):
-            process.send_signal(signum)
-            break
-    stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(process.args, process.returncode, "".join(printed) + stdout, stderr)
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)
@@ -218,7 +145,7 @@ def test_ppo_ratio_overflow_is_counted():
 
 def test_copied_alone_trains_and_logs_everything(script, tmp_path):
     shutil.copy(ROOT / script, tmp_path / script)
-    result = run(script, "--total-timesteps", 1000, "--num-steps", 500, *TINY, cwd=tmp_path, script_dir=tmp_path)
+    result = run_script(script, "--total-timesteps", 1000, "--num-steps", 500, *TINY, cwd=tmp_path, script_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = summary_of(run_dir)
@@ -239,14 +166,14 @@ def test_fused_loss_without_the_module_is_a_clear_error(tmp_path):
     shutil.copy(ROOT / "ppo_continuous.py", tmp_path)
     # shadows an installed fused_loss (pip install -e . puts it on every path), as if it were missing
     (tmp_path / "fused_loss.py").write_text("raise ImportError('No module named fused_loss')\n")
-    result = run("ppo_continuous.py", "--fused-loss", *TINY, "--total-timesteps", 1000,
+    result = run_script("ppo_continuous.py", "--fused-loss", *TINY, "--total-timesteps", 1000,
                  cwd=tmp_path, script_dir=tmp_path, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "fused_loss.py" in result.stderr
 
 
 def test_ppo_explodes_with_a_shifted_mean_and_the_postmortem_replays(tmp_path):
-    result = run("ppo_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 5000, "--log-dir", tmp_path,
+    result = run_script("ppo_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 5000, "--log-dir", tmp_path,
                  "--run-name", "ppo")
     assert result.returncode == 3, result.stderr
     assert "EXPLODED" in result.stdout
@@ -267,7 +194,7 @@ def test_ppo_explodes_with_a_shifted_mean_and_the_postmortem_replays(tmp_path):
 
 
 def test_cpg_survives_the_same_shifted_mean(tmp_path):
-    result = run("cpg_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 3000, "--log-dir", tmp_path,
+    result = run_script("cpg_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 3000, "--log-dir", tmp_path,
                  "--run-name", "cpg")
     assert result.returncode == 0, result.stderr
     summary = summary_of(tmp_path / "cpg")
@@ -277,7 +204,7 @@ def test_cpg_survives_the_same_shifted_mean(tmp_path):
 
 
 def test_skip_mode_counts_and_goes_on(tmp_path):
-    result = run("ppo_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 2000, "--on-nonfinite", "skip",
+    result = run_script("ppo_continuous.py", *SHIFTED_HUMANOID, "--total-timesteps", 2000, "--on-nonfinite", "skip",
                  "--log-dir", tmp_path, "--run-name", "skip")
     assert result.returncode == 0, result.stderr
     summary = summary_of(tmp_path / "skip")
@@ -301,7 +228,7 @@ def test_skip_mode_counts_and_goes_on(tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_2(script, args, message, tmp_path):
     # a check that is missed trains for one tiny iteration here, and fails on its exit code
-    code, stderr = main(script, *TINY, "--total-timesteps", 1000, *args, "--log-dir", tmp_path)
+    code, stderr = cli_in_process(script, *TINY, "--total-timesteps", 1000, *args, "--log-dir", tmp_path)
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
@@ -310,13 +237,13 @@ def test_bad_input_is_one_line_and_exit_2(script, args, message, tmp_path):
 
 def test_bad_input_in_cpg_and_vpg_too(tmp_path):
     for script in ["cpg_continuous.py", "vpg_continuous.py"]:
-        result = run(script, "--env-id", "CartPole-v1", "--log-dir", tmp_path)
+        result = run_script(script, "--env-id", "CartPole-v1", "--log-dir", tmp_path)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("env_id", ["tests.envs:NonFinite-v0", "tests.envs:NonFiniteReward-v0"])
 def test_nonfinite_environment_is_not_an_explosion(env_id, tmp_path):
-    result = run("ppo_continuous.py", "--env-id", env_id, *TINY, "--num-steps", 50,
+    result = run_script("ppo_continuous.py", "--env-id", env_id, *TINY, "--num-steps", 50,
                  "--total-timesteps", 100, "--minibatch-size", 10, "--log-dir", tmp_path, "--run-name", "nan")
     assert result.returncode == 1
     assert "non-finite observation or reward" in result.stderr and "Traceback" not in result.stderr
@@ -336,22 +263,12 @@ def test_nonfinite_reason_names_what_went_wrong(script):
 
 def test_overflowing_parameters_are_the_explosion_reason(tmp_path):
     # an SGD step of lr 1e300 takes the parameters to inf; the next minibatch finds them so
-    result = run("ppo_continuous.py", "--env-id", "tests.envs:Counter-v0", *TINY, "--num-steps", 32,
+    result = run_script("ppo_continuous.py", "--env-id", "tests.envs:Counter-v0", *TINY, "--num-steps", 32,
                  "--minibatch-size", 16, "--total-timesteps", 64, "--optimizer", "sgd", "--learning-rate", 1e300,
                  "--log-dir", tmp_path, "--run-name", "inf")
     assert result.returncode == 3, result.stderr
     summary = summary_of(tmp_path / "inf")
     assert summary["status"] == "exploded" and summary["explosion_reason"] == "non-finite parameter"
-
-
-def completed_run(script, *args, run_dir):
-    """Train to the end and return the run's scalars, after checking they are all finite."""
-    result = run(script, *args, "--log-dir", run_dir.parent, "--run-name", run_dir.name)
-    assert result.returncode == 0, result.stderr
-    assert summary_of(run_dir)["status"] == "completed"
-    scalars = scalars_of(run_dir)
-    assert not [tag for tag, values in scalars.items() if not np.isfinite(values).all()]
-    return scalars
 
 
 @pytest.mark.parametrize("script_name", ["ppo_continuous.py", "cpg_continuous.py"])
