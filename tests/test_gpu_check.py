@@ -1,8 +1,8 @@
 """benchmarks/gpu_check.sh, the one GPU command, as far as it can run without a GPU: its no-GPU exit,
 its stage runner (time limits that take the stage's children too), the parsing of pytest's output,
-the table built from the benchmarks' own result rows, and the steady-state SPS the benchmark reads
-from a real run's TensorBoard log. These are not GPU tests, though their module name would match
-gpu_check.sh's `-k gpu`: it leaves them out."""
+the table built from the benchmarks' own result rows, the steady-state SPS the benchmark reads from a
+real run's TensorBoard log, and the benchmarks' --help. These are not GPU tests, though their module
+name would match gpu_check.sh's `-k gpu`: it leaves them out."""
 import json
 import subprocess
 import sys
@@ -179,3 +179,15 @@ def test_steady_state_sps_comes_from_a_real_runs_iteration_times(tmp_path):
     assert bench_sps.sps_after_warmup([(2000, 10.0), (1000, 8.0), (3000, 11.0)], 1) == pytest.approx(2000 / 3.0)
     with pytest.raises(ValueError, match=r"a warm-up of 4 iteration\(s\) needs more than 4 logged; the run logged 4$"):
         bench_sps.sps_after_warmup(points, 4)
+
+
+def test_the_benchmarks_help_lists_each_case_once_and_explains_every_option():
+    sps = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sps.py"), "--help"], capture_output=True,
+                         text=True, timeout=60).stdout
+    listed = " ".join(sps.split("--cases CASE [CASE ...]")[2].split("--steps")[0].split())
+    assert listed == "default: hopper-64x64 hopper-1024 humanoid-1024x1024; with --cuda: humanoid-1024x1024 hopper-64x64"
+    fused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fused_loss.py"), "--help"],
+                           capture_output=True, text=True, timeout=120).stdout
+    options = fused.split("options:")[1]
+    for option in ("--sizes SIZES", "--device DEVICE"):
+        assert options.split(option)[1].split("\n")[0].strip(), f"{option} has no help text"
