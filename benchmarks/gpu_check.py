@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 290  # from the start of gpu_check.sh, wheel install included: under 5 minutes
 MIN_STAGE_S = 15  # a stage given less than this is not started
 PY = sys.executable
+# one build of the fused op for every stage, in the folder the tests build in (tests/conftest.py), so
+# the tests find it done
+EXTENSIONS_DIR = ROOT / "build" / "torch_extensions"
 
 # test rows of the table: a test by name, for the checks the issue names on their own
 NAMED_TESTS = {
@@ -252,7 +255,7 @@ def main(log_path, stages=None, budget_s=BUDGET_S, min_stage_s=MIN_STAGE_S, work
     deadline = start + budget_s
     work = Path(work or tempfile.mkdtemp(prefix="gpu_check_"))
     stages = stages or default_stages(work)
-    env = {"PYTHONUNBUFFERED": "1", "FUSED_LOSS_BACKEND": "extension"}
+    env = {"PYTHONUNBUFFERED": "1", "FUSED_LOSS_BACKEND": "extension", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS_DIR)}
     results = {}
     with open(log_path, "a") as log:
         for name, what, cap, command, extra in stages:

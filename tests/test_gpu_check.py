@@ -4,6 +4,7 @@ the table built from the benchmarks' own result rows, the steady-state SPS the b
 real run's TensorBoard log, and the benchmarks' --help. These are not GPU tests, though their module
 name would match gpu_check.sh's `-k gpu`: it leaves them out."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,11 @@ def test_without_a_log_file_it_says_how_to_call_it():
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == "usage: bash benchmarks/gpu_check.sh LOGFILE"
+
+
+def test_its_stages_build_the_fused_op_where_the_tests_look_for_it():
+    # else the tests stage builds it a second time, with every pytest worker waiting on that build
+    assert os.environ.get("TORCH_EXTENSIONS_DIR", str(gpu_check.EXTENSIONS_DIR)) == str(gpu_check.EXTENSIONS_DIR)
 
 
 def test_a_stage_past_its_limit_is_ended_with_its_children(tmp_path):
