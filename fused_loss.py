@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import math
 import os
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -203,20 +204,26 @@ def _compile(cuda):
     if isa:
         cflags += [*isa, f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
     cuda_cflags = ["-O3", "--fmad=false"]
-    # A directory per source/flag/torch hash: edits never reuse stale objects, and builds for
-    # different torch versions do not fight over one directory.
-    h = hashlib.sha256(repr((torch.__version__, cflags, cuda_cflags)).encode())
-    for f in [*sources, _CSRC / "surrogate.h"]:
-        h.update(f.read_bytes())
-    name = f"stable_pg_{h.hexdigest()[:16]}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    build_dir = Path(root) / name
+    build_dir = _build_dir(sources, cflags, cuda_cflags)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(build_dir):
-        cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
+        if not (build_dir / f"{build_dir.name}.so").exists():
+            print(f"fused_loss: building the fused op (once, about 30 s) in {build_dir}", file=sys.stderr, flush=True)
+        cpp_extension.load(name=build_dir.name, sources=[str(s) for s in sources], extra_cflags=cflags,
                            extra_cuda_cflags=cuda_cflags, extra_ldflags=omp, build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
     return build_dir
+
+
+def _build_dir(sources, cflags, cuda_cflags):
+    """A directory per source/flag/torch/Python-environment hash: edits never reuse stale objects, and
+    builds for other torch versions or other environments (whose include paths build.ninja holds) do not
+    rebuild each other's library."""
+    h = hashlib.sha256(repr((torch.__version__, sys.prefix, sys.version, cflags, cuda_cflags)).encode())
+    for f in [*sources, _CSRC / "surrogate.h"]:
+        h.update(f.read_bytes())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return Path(root) / f"stable_pg_{h.hexdigest()[:16]}"
 
 
 @contextlib.contextmanager

@@ -39,9 +39,9 @@ def load_script(name, folder=ROOT):
     return module
 
 
-def run_script(script, *args, cwd=ROOT, timeout=300, script_dir=ROOT):
-    """Run a training script in a process of its own: its CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def run_script(script, *args, cwd=ROOT, timeout=300, script_dir=ROOT, warnings="ignore"):
+    """Run a training script in a process of its own: its CompletedProcess. warnings: PYTHONWARNINGS."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": warnings}
     return subprocess.run([sys.executable, str(Path(script_dir) / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -33,6 +33,7 @@ def test_cut_and_resumed_run_is_bit_identical_to_an_uncut_one(script, args, tmp_
     last_printed = int(result.stdout.splitlines()[-1].split()[1].split("/")[0])
     checkpoint = torch.load(cut / "checkpoint.pt", weights_only=False)
     assert checkpoint["iteration"] in (last_printed, last_printed + 1)
+    assert f"the checkpoint holds global step {checkpoint['global_step']} " in result.stderr  # not the step reached
 
     result = run_script(script, "--resume", cut)
     assert result.returncode == 0, result.stderr

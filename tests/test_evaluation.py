@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_training import SCRIPTS, TINY, load_script, run, scalars_of, summary_of
+from tests.helpers import SCRIPTS, TINY, cli_in_process, interrupt, load_script, run_script, scalars_of, summary_of
 
 HOPPER = ["--env-id", "Hopper-v4", *TINY, "--num-steps", 256, "--total-timesteps", 768, "--save-model"]
 EVAL = ["--eval-every", 512, "--eval-episodes", 2]
@@ -14,7 +14,7 @@ ACTION_REWARD = ["--env-id", "tests.envs:ActionReward-v0", *TINY, "--num-steps",
 
 
 def trained(script, args, run_dir):
-    result = run(script, *args, "--log-dir", run_dir.parent, "--run-name", run_dir.name)
+    result = run_script(script, *args, "--log-dir", run_dir.parent, "--run-name", run_dir.name)
     assert result.returncode == 0, result.stderr
     return summary_of(run_dir), torch.load(run_dir / "model.pt", weights_only=False)["agent"], scalars_of(run_dir, True)
 
@@ -72,14 +72,13 @@ def test_evaluation_env_is_reseeded_and_normalised_with_frozen_training_statisti
 
 
 def test_resumed_run_evaluates_as_an_uncut_one(tmp_path):
-    from tests.test_training import interrupt
     args = ["--env-id", "Hopper-v4", *TINY, "--num-steps", 64, "--minibatch-size", 64, "--total-timesteps", 384,
             "--eval-every", 128, "--eval-episodes", 1]
-    whole = run("ppo_continuous.py", *args, "--log-dir", tmp_path, "--run-name", "whole")
+    whole = run_script("ppo_continuous.py", *args, "--log-dir", tmp_path, "--run-name", "whole")
     assert whole.returncode == 0, whole.stderr
     cut = interrupt("ppo_continuous.py", *args, "--log-dir", tmp_path, "--run-name", "cut", after=3)
     assert cut.returncode == 130, cut.stderr
-    resumed = run("ppo_continuous.py", "--resume", tmp_path / "cut")
+    resumed = run_script("ppo_continuous.py", "--resume", tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr
     expected, got = scalars_of(tmp_path / "whole", True), scalars_of(tmp_path / "cut", True)
     assert [s for s, _ in expected["eval/episodic_return"]] == [128, 256, 384]
@@ -91,9 +90,8 @@ def test_resumed_run_evaluates_as_an_uncut_one(tmp_path):
 @pytest.mark.parametrize("flag,value,message", [("--eval-every", -1, "--eval-every must be non-negative"),
                                                 ("--eval-episodes", 0, "--eval-episodes must be positive")])
 def test_bad_evaluation_flags(flag, value, message):
-    from tests.test_training import main
     for script in SCRIPTS:
-        code, stderr = main(script, flag, value)
+        code, stderr = cli_in_process(script, flag, value)
         assert code == 2 and stderr.startswith(f"error: {message}") and len(stderr.splitlines()) == 1
 
 

@@ -329,6 +329,30 @@ def test_gpu_without_cuda_toolkit_keeps_the_cpu_kernel(ext):
     assert proc.returncode == 0, proc.stderr
 
 
+def test_each_python_environment_builds_in_a_folder_of_its_own(ext, monkeypatch):
+    # build.ninja holds the environment's include paths: two venvs sharing a folder rebuild each other's op
+    assert Path(F._state.path).parent == ROOT / "build" / "torch_extensions"  # the tests' own (conftest.py)
+    sources, flags = [ROOT / "csrc" / "surrogate.cpp"], ["-O3"]
+    here = F._build_dir(sources, flags, [])
+    assert F._build_dir(sources, flags, []) == here
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/venv")
+    assert F._build_dir(sources, flags, []).parent == here.parent and F._build_dir(sources, flags, []) != here
+
+
+def test_a_build_says_so_in_one_line_and_a_built_op_says_nothing(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    def load(name, build_directory, **options):
+        (Path(build_directory) / f"{name}.so").write_text("")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", load)
+    build_dir = F._compile(cuda=False)
+    assert build_dir.parent == tmp_path
+    assert capsys.readouterr().err == f"fused_loss: building the fused op (once, about 30 s) in {build_dir}\n"
+    assert F._compile(cuda=False) == build_dir and capsys.readouterr().err == ""
+
+
 def test_stale_build_lock_is_removed(ext):
     # A build killed mid-way leaves torch's 'lock' file behind; a fresh process must not wait on it.
     lock = Path(F._state.path) / "lock"

@@ -1,4 +1,6 @@
 """The three training scripts: data correctness, telemetry, flags, explosions, and bad input."""
+import copy
+import json
 import math
 import shutil
 import signal
@@ -145,10 +147,14 @@ def test_ppo_ratio_overflow_is_counted():
 
 def test_copied_alone_trains_and_logs_everything(script, tmp_path):
     shutil.copy(ROOT / script, tmp_path / script)
-    result = run_script(script, "--total-timesteps", 1000, "--num-steps", 500, *TINY, cwd=tmp_path, script_dir=tmp_path)
+    result = run_script(script, "--total-timesteps", 1000, "--num-steps", 500, *TINY, cwd=tmp_path, script_dir=tmp_path,
+                        warnings="default")
     assert result.returncode == 0, result.stderr
+    assert "is out of date" not in result.stderr  # Hopper-v4 is the paper's: no warning about v5
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = summary_of(run_dir)
+    assert result.stdout.splitlines()[-1] == (f"completed 1000 steps in runs/{run_dir.name}: final return "
+                                              f"{summary['final_return']:.1f} (mean of the last 10 episodes)")
     assert set(SUMMARY_FIELDS) <= set(summary)
     assert summary["status"] == "completed" and summary["global_step"] == 1000 and not summary["exploded"]
     assert summary["algo"] == script[:3] and summary["episodes"] > 0
@@ -340,3 +346,62 @@ def test_interrupt_leaves_summary_and_logs(tmp_path):
     summary = summary_of(tmp_path / "int")
     assert summary["status"] == "interrupted" and summary["global_step"] >= 400
     assert len(scalars_of(tmp_path / "int")["stability/max_log10_ratio"]) >= 2
+
+
+def counter_args(module, run_dir, **args):
+    """Args of a short run on tests.envs' Counter (two iterations of 32 steps), logging into run_dir."""
+    return module.Args(env_id="tests.envs:Counter-v0", policy_hidden=(8,), value_hidden=(8,), num_steps=32,
+                       total_timesteps=64, log_dir=str(run_dir.parent), run_name=run_dir.name, **args)
+
+
+def test_train_from_python_returns_the_summary_and_leaves_the_handlers(script, tmp_path, capsys):
+    module = load_script(script)
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: lambda signum, frame: None}
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    args = counter_args(module, tmp_path / "run", eval_every=32, eval_episodes=1,
+                        **({"minibatch_size": 16} if script != "vpg_continuous.py" else {}))
+    given = copy.deepcopy(args)
+    summary = module.train(args)
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+    assert json.loads(json.dumps(summary)) == summary_of(tmp_path / "run")  # args' tuples are lists there
+    assert summary["status"] == "completed" and summary["global_step"] == 64 and summary["eval_step"] == 64
+    assert args == given  # the caller's Args are left alone (VPG fills in its minibatch size in its own copy)
+    assert summary["args"]["minibatch_size"] == (32 if script == "vpg_continuous.py" else 16)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"completed 64 steps in {tmp_path / 'run'}: final return {summary['final_return']:.1f} "
+        f"(mean of the last 10 episodes), evaluation return {summary['eval_return']:.1f}")
+
+
+def test_train_from_python_raises_on_bad_input(tmp_path):
+    module = load_script("ppo_continuous.py")
+    with pytest.raises(module.BadArgument, match="^--learning-rate must be positive$"):
+        module.train(counter_args(module, tmp_path / "run", minibatch_size=16, learning_rate=0.0))
+    with pytest.raises(module.BadArgument, match="--resume takes no other flag"):
+        module.train(module.Args(resume=str(tmp_path), seed=2))
+    with pytest.raises(module.BadArgument, match="no checkpoint to resume from"):
+        module.train(module.Args(resume=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_from_python_interrupted_by_sigterm_and_resumed(tmp_path, monkeypatch, capsys):
+    module = load_script("cpg_continuous.py")
+    rollouts = []
+
+    def rollout_cut_short(*args):
+        rollouts.append(args)
+        if len(rollouts) == 2:  # the handler train installed makes SIGTERM a KeyboardInterrupt
+            signal.raise_signal(signal.SIGTERM)
+        return collect_rollout(*args)
+
+    collect_rollout = module.collect_rollout
+    monkeypatch.setattr(module, "collect_rollout", rollout_cut_short)
+    handler = signal.getsignal(signal.SIGTERM)
+    summary = module.train(counter_args(module, tmp_path / "run", minibatch_size=16))
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert summary["status"] == "interrupted" and summary["global_step"] == 32
+    assert f"the checkpoint holds global step 32 (the start of iteration 2): continue with --resume {tmp_path / 'run'}" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(module, "collect_rollout", collect_rollout)
+    summary = module.train(module.Args(resume=str(tmp_path / "run")))
+    assert summary["status"] == "completed" and summary["global_step"] == 64
