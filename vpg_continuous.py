@@ -628,13 +628,6 @@ def update(agent, optimizer, batch, args, compute_step, guard):
     return step_records, nonfinite, explosion
 
 
-def nonfinite_reason(loss, params):
-    if not all(bool(p.isfinite().all()) for p in params):
-        # the previous step made it so: the postmortem holds the networks after that step
-        return "non-finite parameter"
-    return "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
-
-
 def train(args):
     """Train one run to its end: returns its summary (also in summary.json), whose status says how it ended:
     completed, exploded, interrupted (Ctrl-C or SIGTERM; continue it with Args(resume=its folder)) or error.
@@ -733,6 +726,13 @@ def prime_optimizer(optimizer, params):
     optimizer.found_inf = torch.ones((), device=params[0].device)
     optimizer.step()
     return params + [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+def nonfinite_reason(loss, params):
+    if not all(bool(p.isfinite().all()) for p in params):
+        # the previous step made it so: the postmortem holds the networks after that step
+        return "non-finite parameter"
+    return "non-finite loss" if not torch.isfinite(loss) else "non-finite gradient norm"
 
 
 class EpochGuard:
@@ -886,6 +886,10 @@ def versions():
             "mujoco": mujoco and mujoco.__version__, "numpy": np.__version__, "tyro": tyro.__version__}
 
 
+def one_decimal(x):
+    return "n/a" if x is None else f"{x:.1f}"
+
+
 EVAL_FIELDS = ("eval_return", "max_eval_return", "eval_step")
 
 
@@ -978,19 +982,17 @@ class RunRecord:
         write_atomically(self.summary_path, lambda tmp: Path(tmp).write_text(json.dumps(self.summary, indent=2)))
 
     def iteration_done(self, iteration, num_iterations, global_step, telemetry):
-        recent = self.recent_return()
         print(f"iteration {iteration}/{num_iterations} global_step={global_step} "
-              f"return(last 10)={'n/a' if recent is None else f'{recent:.1f}'} "
+              f"return(last 10)={one_decimal(self.recent_return())} "
               f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={int(self.sps(global_step))}",
               flush=True)
         self.write_summary("running", global_step)
 
     def completed(self, global_step):
         self.write_summary("completed", global_step)
-        final = self.summary["final_return"]
-        evaluation = f", evaluation return {self.summary['eval_return']:.1f}" if self.args.eval_every else ""
+        evaluation = f", evaluation return {one_decimal(self.summary['eval_return'])}" if self.args.eval_every else ""
         print(f"completed {global_step} steps in {self.run_dir}: final return "
-              f"{'n/a' if final is None else f'{final:.1f}'} (mean of the last 10 episodes){evaluation}", flush=True)
+              f"{one_decimal(self.summary['final_return'])} (mean of the last 10 episodes){evaluation}", flush=True)
 
     def exploded(self, explosion, telemetry, global_step, iteration, agent, optimizer):
         """postmortem.pt: the exploding minibatch, the networks and optimizer state before its step, and the
