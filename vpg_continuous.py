@@ -8,6 +8,7 @@
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -16,12 +17,18 @@ import platform
 import random
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs go without the run folder's lock
+    fcntl = None
 
 import gymnasium as gym
 import numpy as np
@@ -135,7 +142,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = False
-    """train on the GPU (an error if there is none)"""
+    """train on the GPU (an error if there is none); CUDA's start-up and the graphs' capture are left out of SPS"""
     cuda_graphs: bool = True
     """with --cuda: replay each minibatch's gradient step and each env step's policy mean as CUDA graphs
     (--no-cuda-graphs: plain eager CUDA, to debug or compare)"""
@@ -399,7 +406,8 @@ def ratio_diagnostics(new_logp, old_logp, advantages, clip_coef, clipped_objecti
     if clipped_objective:
         effective = torch.where(advantages >= 0, log_ratio.clamp(max=math.log(1 + clip_coef)),
                                 log_ratio.clamp(min=math.log(1 - clip_coef)))
-    finite = new_logp.detach().isfinite() & old_logp.isfinite() & advantages.isfinite()
+    # x * 0 is NaN exactly where x is inf or NaN: one isnan for the three inputs (isfinite is four kernels each)
+    nonfinite = (new_logp.detach() * 0 + old_logp * 0 + advantages * 0).isnan()
     return {
         "max_log_ratio": log_ratio.max(),
         "min_log_ratio": log_ratio.min(),
@@ -407,8 +415,8 @@ def ratio_diagnostics(new_logp, old_logp, advantages, clip_coef, clipped_objecti
         "clip_frac": ((log_ratio > math.log1p(clip_coef)) | (log_ratio < math.log1p(-clip_coef)))
                      .to(log_ratio.dtype).mean(),
         "approx_kl": ((ratio - 1) - log_ratio).mean(),
-        "n_nonfinite": (~finite).sum(),
-        "n_overflow": (log_ratio.isfinite() & ratio.isinf()).sum(),
+        "n_nonfinite": nonfinite.sum(),
+        "n_overflow": ((ratio == math.inf) & (log_ratio != math.inf)).sum(),  # exp of a finite log-ratio overflowed
     }
 
 
@@ -573,9 +581,12 @@ def gradient_step(agent, optimizer, mb, args, surrogate_fn, keep_grads=False):
     loss.backward()
     params = list(agent.parameters())
     grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-    nonfinite = ~(loss.isfinite() & grad_norm.isfinite())
-    return torch.stack([loss, pg_loss, v_loss, entropy, grad_norm, nonfinite,
-                        *(stats[key] for key in SURROGATE_STATS)]).detach().float()
+    with torch.no_grad():
+        # x * 0 is NaN exactly where x is inf or NaN, as in ratio_diagnostics
+        nonfinite = (loss * 0 + grad_norm * 0).isnan()
+        # all float32 before the stack: mixed dtypes would cost a copy kernel per field instead of one
+        fields = [loss, pg_loss, v_loss, entropy, grad_norm, nonfinite, *(stats[key] for key in SURROGATE_STATS)]
+        return torch.stack([field.float() for field in fields])
 
 
 def optimizer_step(optimizer, step_record):
@@ -631,15 +642,20 @@ def update(agent, optimizer, batch, args, compute_step, guard):
 def train(args):
     """Train one run to its end: returns its summary (also in summary.json), whose status says how it ended:
     completed, exploded, interrupted (Ctrl-C or SIGTERM; continue it with Args(resume=its folder)) or error.
-    Bad input raises BadArgument before anything starts. The signal handlers are left as they were found."""
+    Bad input raises BadArgument before anything starts, and so does a run folder that a live run holds (one
+    writer per folder, see hold_run_folder). A file that cannot be written (a full disk) raises nothing: the run
+    ends with status error, its summary's `error` names the file and the cause, what was written before stays
+    (checkpoint.pt the last good one), and one line on stderr says how to resume. The signal handlers are left as
+    they were found.
+    The summary's sps (and charts/SPS) times training alone. Start-up, all train() does before its first env
+    step (envs, networks, optimizer state, and warm_up: CUDA and cuBLAS start, graphs captured, the fused op
+    loaded), is left out: startup_s and startup_cpu_s, its part of wall_time_s and cpu_time_s."""
     args, checkpoint, run_dir, run_name = resolve_run(args)
     check_args(args)
     surrogate_fn = surrogate_function(args)
-    envs = make_envs(args, run_dir)
-    eval_env = make_eval_env(args, run_dir) if args.eval_every else None
+    envs, eval_env, lock = envs_and_run_folder(args, run_dir)
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
-    os.makedirs(run_dir, exist_ok=True)
     run = RunRecord(args, run_dir, run_name, num_iterations * batch_size, checkpoint)
 
     random.seed(args.seed)
@@ -665,12 +681,15 @@ def train(args):
     checkpoints = Checkpoints(run_dir, checkpoint, args, run, agent, optimizer, envs, device)
 
     first_iteration, global_step = (checkpoint["iteration"], checkpoint["global_step"]) if checkpoint else (1, 0)
-    with sigterm_interrupts():
+    with sigterm_interrupts(), quiet_event_thread():
         try:
+            run.start()
+            warm_up(compute_step, policy_mean, agent, args)
             next_obs, _ = envs.reset(seed=args.seed)
             if checkpoint:
                 next_obs = restore_env_state(envs, checkpoint["envs"], checkpoint["next_obs"])
                 set_rng_state(checkpoint["rng"], device)
+            run.training_started()
             for iteration in range(first_iteration, num_iterations + 1):
                 checkpoints.boundary(iteration, global_step, next_obs)
                 if args.anneal_lr:
@@ -690,18 +709,15 @@ def train(args):
                 if args.eval_every and run.summary["eval_step"] != global_step:
                     run.log_evaluation(evaluate(agent, eval_env, envs.envs[0], args, device), global_step)
                 if args.save_model:
-                    torch.save({"agent": agent.state_dict(), "args": asdict(args)}, os.path.join(run_dir, "model.pt"))
+                    save_model(run_dir, agent, args)
                 run.completed(global_step)
             checkpoints.remove()  # a completed or exploded run has nothing left to resume
         except KeyboardInterrupt:
             run.interrupted(global_step, checkpoints)
         except Exception as e:
-            run.failed(e, global_step)
+            run.failed(e, global_step, checkpoints)
         finally:
-            run.close()
-            envs.close()
-            if eval_env is not None:
-                eval_env.close()
+            close_all(run, envs, eval_env, lock)
     return run.summary
 
 
@@ -712,9 +728,9 @@ def train(args):
 
 
 def copy_tensors(destinations, sources):
+    # on CUDA one multi-tensor kernel for the lot (they share a dtype and a device), not a launch per tensor
     with torch.no_grad():
-        for destination, source in zip(destinations, sources):
-            destination.copy_(source)
+        torch._foreach_copy_(destinations, sources)
 
 
 def prime_optimizer(optimizer, params):
@@ -749,11 +765,14 @@ class EpochGuard:
         if self.enabled:
             copy_tensors(self.saved, self.state_tensors)
 
+    def rollback(self):
+        copy_tensors(self.state_tensors, self.saved)
+
     def check(self, epoch_records, minibatches, epoch):
         """(The epoch's STEP_RECORDs, its Explosion or None)."""
         if not (self.enabled and bool(recorded(epoch_records, "nonfinite").any())):
             return epoch_records, None
-        copy_tensors(self.state_tensors, self.saved)
+        self.rollback()
         redone = []
         for mb in minibatches:
             redone.append(self.compute_step(mb, use_graph=False))
@@ -798,8 +817,7 @@ def make_compute_step(agent, optimizer, args, surrogate_fn, graphed):
             static_mb = {key: value.clone() for key, value in mb.items()}
             graphs[size] = static_mb, *capture(eager, static_mb)
         static_mb, graph, static_record = graphs[size]
-        for key, value in mb.items():
-            static_mb[key].copy_(value)
+        copy_tensors([static_mb[key] for key in mb], list(mb.values()))
         graph.replay()
         return static_record.clone()
 
@@ -807,20 +825,55 @@ def make_compute_step(agent, optimizer, args, surrogate_fn, graphed):
 
 
 def make_policy_mean(agent, num_envs, obs_dim, device, graphed):
-    """policy_mean(observations) -> the policy mean as numpy, once per env step. graphed: a CUDA-graph
-    replay between the two copies a step cannot avoid; eagerly on CUDA it is a dozen launches, waited for."""
-    if not graphed:
-        return lambda obs: agent.mean(torch.as_tensor(obs, device=device)).cpu().numpy()
+    """policy_mean(observations) -> the policy mean as numpy, once per env step. On CUDA the observations go in
+    and the mean comes out through pinned host buffers without blocking, so the host waits once per step, for
+    the mean (a copy from pageable memory waits for the device too). graphed: the mean network in between is
+    one CUDA-graph replay; eagerly it is a dozen launches."""
+    if device.type != "cuda":
+        return lambda obs: agent.mean(torch.as_tensor(obs)).numpy()
     static_obs = torch.zeros((num_envs, obs_dim), device=device)
-    with torch.no_grad():
-        graph, static_mean = capture(agent.mean, static_obs)
+    if graphed:
+        with torch.no_grad():
+            graph, static_mean = capture(agent.mean, static_obs)
+
+        def device_mean():
+            graph.replay()
+            return static_mean
+    else:
+        def device_mean():
+            return agent.mean(static_obs)
+    host_obs = torch.zeros((num_envs, obs_dim), pin_memory=True)
+    host_mean = torch.zeros((num_envs, len(agent.action_low)), pin_memory=True)
+    host_obs_array, host_mean_array = host_obs.numpy(), host_mean.numpy()
 
     def policy_mean(obs):
-        static_obs.copy_(torch.from_numpy(obs))
-        graph.replay()
-        return static_mean.cpu().numpy()
+        host_obs_array[:] = obs  # the last step's copy out of it is done: its mean was waited for
+        static_obs.copy_(host_obs, non_blocking=True)
+        host_mean.copy_(device_mean(), non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+        return host_mean_array.copy()  # the buffer is the next step's
 
     return policy_mean
+
+
+def warm_up(compute_step, policy_mean, agent, args):
+    """Start-up's end: a gradient step of each minibatch size and a policy mean, on stand-in inputs, so that what
+    the first call does only once (CUDA's and cuBLAS's start-up, capturing the CUDA graphs, loading the fused op)
+    is done before training is timed. No result changes: the step is not applied, and the next one zeroes its
+    gradients."""
+    obs_dim, act_dim, device = agent.critic[0].in_features, len(agent.action_low), agent.action_low.device
+    batch_size = args.num_envs * args.num_steps
+    for size in sorted({args.minibatch_size, batch_size % args.minibatch_size} - {0}):
+        compute_step(stand_in_minibatch(size, obs_dim, act_dim, device))
+    with torch.inference_mode():
+        policy_mean(np.zeros((args.num_envs, obs_dim), dtype=np.float32))
+
+
+def stand_in_minibatch(size, obs_dim, act_dim, device):
+    """A minibatch with the keys, shapes and dtype of collect_rollout's batch, and values never learned from."""
+    shapes = {"obs": (obs_dim,), "actions": (act_dim,), "logprobs": (), "advantages": (), "returns": (),
+              "old_means": (act_dim,), "old_std": (act_dim,)}
+    return {key: torch.ones((size, *shape), device=device) for key, shape in shapes.items()}
 
 
 def iteration_telemetry(agent, initial_actor_mean, batch, rollout, step_records):
@@ -870,11 +923,77 @@ def explosion_message(explosion, telemetry, global_step, iteration, postmortem_p
             f"min old log-prob {telemetry['stability/min_old_log_prob']:.4g}. Replay: {postmortem_path}")
 
 
-def write_atomically(path, write):
-    """write(temporary path), then rename it to path: a reader, or a crash, never sees half a file."""
+class WriteFailed(Exception):
+    """A file of the run could not be written (a full disk, a quota, permissions): the run ends with status error,
+    and what it wrote before stays."""
+
+    def __init__(self, what, cause):
+        super().__init__(f"{cause.strerror.lower() if cause.strerror else cause} writing {what}")
+        self.cause = cause
+
+    def once_fixed(self):
+        return "once there is space" if self.cause.errno in (errno.ENOSPC, errno.EDQUOT) else "once it can be written"
+
+
+def os_error(error):
+    """The OSError that caused `error`: itself or one in its chain (torch.save raises RuntimeErrors over it)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+@contextlib.contextmanager
+def writing(what):
+    """Raise a failure to write `what` as WriteFailed."""
+    try:
+        yield
+    except Exception as e:
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise WriteFailed(what, cause) from e
+
+
+def write_atomically(path, write, durable=False):
+    """write(temporary path), then rename it to path: a reader, or a kill, never sees half a file, and a failed
+    write leaves the last good one. A failure to write raises WriteFailed, its temporary file removed."""
     tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            write(tmp)
+            if durable:
+                fsync_file(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def fsync_file(path):
+    # A killed process loses nothing it wrote (the data is in the kernel's page cache) and the rename is atomic,
+    # so no fsync is needed for a kill. A node that crashes or loses power (a preempted VM) can keep the rename
+    # and lose the data, leaving an empty file under the final name: the files written once a minute or once a
+    # run, that a resume or a reader of the results needs (checkpoint.pt, model.pt, postmortem.pt, the final
+    # summary.json), are fsynced before their rename, a cost nobody measures. summary.json while running and the
+    # TensorBoard events are not: they are rewritten every iteration, and a crash costs their latest records.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def torch_save(obj, path):
+    # through a Python file: a failed write raises OSError (ENOSPC, ...), and the file is closed before it is removed,
+    # which frees its space. torch.save given a path raises a bare "unexpected pos" and holds the file while it lives.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def save_model(run_dir, agent, args):
+    model = {"agent": agent.state_dict(), "args": asdict(args)}
+    write_atomically(os.path.join(run_dir, "model.pt"), lambda tmp: torch_save(model, tmp), durable=True)
 
 
 def versions():
@@ -896,7 +1015,7 @@ EVAL_FIELDS = ("eval_return", "max_eval_return", "eval_step")
 class RunRecord:
     """What a run leaves in its folder besides checkpoint.pt: TensorBoard events, summary.json (rewritten
     every iteration and at the end, whatever the end) and, on an explosion, postmortem.pt; and the counters
-    they report."""
+    and clocks they report (SPS times training alone, start-up left out: see train)."""
 
     def __init__(self, args, run_dir, run_name, total_timesteps, checkpoint):
         self.args, self.run_dir, self.run_name = args, run_dir, run_name
@@ -906,50 +1025,86 @@ class RunRecord:
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=run_name, monitor_gym=True, save_code=True)
-        # a resumed run hides what the run it continues logged after the checkpoint
-        self.writer = SummaryWriter(run_dir, purge_step=checkpoint["global_step"] + 1 if checkpoint else None)
-        if checkpoint is None:
-            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.writer, self.events = None, f"the TensorBoard events in {run_dir}"
+        self.resumed_at = checkpoint["global_step"] if checkpoint else None
         self.summary = {
             "algo": ALGO, "env_id": args.env_id, "seed": args.seed, "args": asdict(args), "status": "running",
             "global_step": 0, "total_timesteps": total_timesteps, "exploded": False, "explosion_step": None,
             "explosion_reason": None, "nonfinite_updates": 0, "episodes": 0, "final_return": None,
-            "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0, "sps": 0.0,
-            "versions": versions(),
+            "max_return": None, "max_log10_ratio": None, "wall_time_s": 0.0, "cpu_time_s": 0.0, "startup_s": 0.0,
+            "startup_cpu_s": 0.0, "sps": 0.0, "versions": versions(),
         }
         if args.eval_every:
             self.summary.update(dict.fromkeys(EVAL_FIELDS))
         self.episode_returns, self.moving_returns = [], []  # moving: mean of the last 10 episodes
         self.nonfinite_updates, self.max_log10_ratio = 0, -math.inf
         self.start_time, self.start_cpu_time = time.time(), time.process_time()
+        # wall and CPU seconds of training (start-up left out, see train) before this process, and when its began
+        self.trained, self.training_since = (0.0, 0.0), None
         if checkpoint:
             self.episode_returns, self.moving_returns = list(checkpoint["episode_returns"]), list(checkpoint["moving_returns"])
             self.nonfinite_updates, self.max_log10_ratio = checkpoint["nonfinite_updates"], checkpoint["max_log10_ratio"]
             self.start_time -= checkpoint["wall_time_s"]
             self.start_cpu_time -= checkpoint["cpu_time_s"]
+            # a checkpoint from before start-up was timed apart counts all its time as training
+            self.trained = (checkpoint["wall_time_s"] - checkpoint.get("startup_s", 0.0),
+                            checkpoint["cpu_time_s"] - checkpoint.get("startup_cpu_s", 0.0))
             self.summary.update(checkpoint["evaluation"])
-        self.write_summary("running", checkpoint["global_step"] if checkpoint else 0)
+
+    def start(self):
+        """Open the TensorBoard events (a resumed run hides what the run it continues logged after its checkpoint)
+        and write the first summary."""
+        resumed = self.resumed_at is not None
+        with writing(self.events):
+            self.writer = SummaryWriter(self.run_dir, purge_step=self.resumed_at + 1 if resumed else None)
+            if not resumed:
+                table = "\n".join(f"|{key}|{value}|" for key, value in vars(self.args).items())
+                self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.write_summary("running", self.resumed_at or 0)
 
     def state(self):
         """The counters, for a checkpoint."""
         return {"nonfinite_updates": self.nonfinite_updates, "max_log10_ratio": self.max_log10_ratio,
                 "episode_returns": list(self.episode_returns), "moving_returns": list(self.moving_returns),
-                "wall_time_s": time.time() - self.start_time, "cpu_time_s": time.process_time() - self.start_cpu_time,
-                "evaluation": {key: self.summary[key] for key in EVAL_FIELDS if key in self.summary}}
+                **self.clock(), "evaluation": {key: self.summary[key] for key in EVAL_FIELDS if key in self.summary}}
+
+    def training_started(self):
+        """Start-up is over: from here on the run trains, and SPS is timed."""
+        self.training_since = time.time(), time.process_time()
+
+    def clock(self):
+        """The run's wall and CPU seconds so far, over all its processes, and of them start-up's."""
+        now = time.time(), time.process_time()
+        since = self.training_since or now
+        wall, cpu = now[0] - self.start_time, now[1] - self.start_cpu_time
+        return {"wall_time_s": wall, "cpu_time_s": cpu, "startup_s": wall - self.trained[0] - (now[0] - since[0]),
+                "startup_cpu_s": cpu - self.trained[1] - (now[1] - since[1])}
 
     def recent_return(self):
         """The mean return of the last 10 episodes (None before the first)."""
         return float(np.mean(self.episode_returns[-10:])) if self.episode_returns else None
 
     def sps(self, global_step):
-        return global_step / max(time.time() - self.start_time, 1e-9)
+        """Steps per second of training: start-up left out (see train)."""
+        clock = self.clock()
+        return global_step / max(clock["wall_time_s"] - clock["startup_s"], 1e-9)
+
+    def log(self, global_step, scalars):
+        # TensorBoard's own thread writes them: a failed write surfaces at the next call, or at flush
+        with writing(self.events):
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, global_step)
+
+    def flush(self):
+        """Every event logged so far into the file (not on disk: in the kernel, which a kill leaves alone)."""
+        if self.writer is not None:
+            with writing(self.events):
+                self.writer.flush()
 
     def on_episode(self, global_step, episode_return, episode_length):
         self.episode_returns.append(episode_return)
         self.moving_returns.append(self.recent_return())
-        self.writer.add_scalar("charts/episodic_return", episode_return, global_step)
-        self.writer.add_scalar("charts/episodic_length", episode_length, global_step)
+        self.log(global_step, {"charts/episodic_return": episode_return, "charts/episodic_length": episode_length})
 
     def log_iteration(self, global_step, nonfinite, learning_rate, telemetry):
         """Count the update's non-finite steps and log the iteration's scalars; returns them all."""
@@ -958,15 +1113,14 @@ class RunRecord:
             self.max_log10_ratio = max(self.max_log10_ratio, telemetry["stability/max_log10_ratio"])
         telemetry = {**telemetry, "stability/nonfinite_updates": self.nonfinite_updates,
                      "charts/learning_rate": learning_rate, "charts/SPS": int(self.sps(global_step))}
-        for key, value in telemetry.items():
-            self.writer.add_scalar(key, value, global_step)
+        self.log(global_step, telemetry)
         return telemetry
 
     def log_evaluation(self, eval_return, global_step):
         best = self.summary["max_eval_return"]
         self.summary.update(eval_return=eval_return, eval_step=global_step,
                             max_eval_return=eval_return if best is None else max(best, eval_return))
-        self.writer.add_scalar("eval/episodic_return", eval_return, global_step)
+        self.log(global_step, {"eval/episodic_return": eval_return})
         print(f"evaluation at global_step={global_step}: return {eval_return:.1f} "
               f"(deterministic policy, mean of {self.args.eval_episodes} episodes)", flush=True)
 
@@ -976,10 +1130,10 @@ class RunRecord:
             episodes=len(self.episode_returns), final_return=self.recent_return(),
             max_return=max(self.moving_returns) if self.moving_returns else None,
             max_log10_ratio=self.max_log10_ratio if math.isfinite(self.max_log10_ratio) else None,
-            wall_time_s=time.time() - self.start_time, cpu_time_s=time.process_time() - self.start_cpu_time,
-            sps=self.sps(global_step), **fields,
+            **self.clock(), sps=self.sps(global_step), **fields,
         )
-        write_atomically(self.summary_path, lambda tmp: Path(tmp).write_text(json.dumps(self.summary, indent=2)))
+        text = json.dumps(self.summary, indent=2)
+        write_atomically(self.summary_path, lambda tmp: Path(tmp).write_text(text), durable=status != "running")
 
     def iteration_done(self, iteration, num_iterations, global_step, telemetry):
         print(f"iteration {iteration}/{num_iterations} global_step={global_step} "
@@ -989,6 +1143,7 @@ class RunRecord:
         self.write_summary("running", global_step)
 
     def completed(self, global_step):
+        self.flush()
         self.write_summary("completed", global_step)
         evaluation = f", evaluation return {one_decimal(self.summary['eval_return'])}" if self.args.eval_every else ""
         print(f"completed {global_step} steps in {self.run_dir}: final return "
@@ -999,7 +1154,7 @@ class RunRecord:
         args, to replay it offline (see replay)."""
         step = dict(zip(STEP_RECORD, explosion.step_record.cpu()))
         path = os.path.join(self.run_dir, "postmortem.pt")
-        torch.save({
+        postmortem = {
             "reason": explosion.reason, "loss": step["loss"], "grad_norm": step["grad_norm"],
             "global_step": global_step, "iteration": iteration, "epoch": explosion.epoch,
             "minibatch": {key: value.detach().cpu() for key, value in explosion.minibatch.items()},
@@ -1007,8 +1162,10 @@ class RunRecord:
             "optimizer": optimizer.state_dict(), "args": asdict(self.args), "obs_dim": agent.critic[0].in_features,
             "action_low": agent.action_low.cpu().numpy(), "action_high": agent.action_high.cpu().numpy(),
             "stats": {key: step[key] for key in SURROGATE_STATS}, "telemetry": telemetry,
-        }, path)
+        }
+        write_atomically(path, lambda tmp: torch_save(postmortem, tmp), durable=True)
         print(explosion_message(explosion, telemetry, global_step, iteration, path), flush=True)
+        self.flush()
         self.write_summary("exploded", global_step, exploded=True, explosion_step=global_step,
                            explosion_reason=explosion.reason)
 
@@ -1016,22 +1173,46 @@ class RunRecord:
         # a second signal must not cut the checkpoint short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        checkpoints.write()
-        self.write_summary("interrupted", global_step)
+        try:
+            checkpoints.write()
+            self.write_summary("interrupted", global_step)
+        except WriteFailed as e:
+            return self.failed(e, global_step, checkpoints)
         saved = checkpoints.latest
         resume = (f"; the checkpoint holds global step {saved['global_step']} (the start of iteration "
                   f"{saved['iteration']}): continue with --resume {self.run_dir}") if saved else ""
         print(f"interrupted at global step {global_step}; summary in {self.summary_path}{resume}", file=sys.stderr)
 
-    def failed(self, error, global_step):
-        with open(os.path.join(self.run_dir, "error.txt"), "w") as f:
-            traceback.print_exc(file=f)
-        self.write_summary("error", global_step, error=f"{type(error).__name__}: {error}")
-        where = "" if isinstance(error, EnvNonFinite) else f" (traceback in {self.run_dir}/error.txt)"
-        print(f"error: {error}{where}", file=sys.stderr)
+    def failed(self, error, global_step, checkpoints):
+        """Status error, and one line on stderr: what failed and what to do. A failed write (a full disk) says how
+        to resume; any other error leaves its traceback in error.txt (called while `error` is handled)."""
+        if isinstance(error, WriteFailed):
+            message = f"{error}; {checkpoints.resume_hint(error)}"
+        else:
+            message = f"{error}{self.save_traceback(error)}"
+        for _ in range(2):  # the second try comes after the first's temporary file is gone
+            try:
+                self.write_summary("error", global_step, error=f"{type(error).__name__}: {error}")
+                break
+            except WriteFailed as e:
+                failure = e
+        else:
+            message += f" (and {failure})"
+        print(f"error: {message}", file=sys.stderr)
+
+    def save_traceback(self, error):
+        """error.txt; what the one line says about it."""
+        path, text = os.path.join(self.run_dir, "error.txt"), traceback.format_exc()
+        try:
+            write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+        except WriteFailed as e:
+            return f" (no traceback saved: {e})"
+        return "" if isinstance(error, EnvNonFinite) else f" (traceback in {path})"
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            with contextlib.suppress(OSError):  # a failed write of the events, reported when it surfaced before
+                self.writer.close()
         if self.args.track:
             import wandb
 
@@ -1073,6 +1254,7 @@ class Checkpoints:
         self.latest = resumed  # until the first boundary, the checkpoint the run resumes from
         self.args, self.run, self.agent, self.optimizer, self.envs, self.device = args, run, agent, optimizer, envs, device
         self.written_at = -math.inf
+        self.saved_step = resumed["global_step"] if resumed else None  # that of checkpoint.pt on disk
 
     def boundary(self, iteration, global_step, next_obs):
         """Everything needed to go on from the start of `iteration` exactly as if never cut."""
@@ -1087,8 +1269,15 @@ class Checkpoints:
 
     def write(self):
         if self.latest is not None:
-            write_atomically(self.path, lambda tmp: torch.save(self.latest, tmp))
-            self.written_at = time.time()
+            self.run.flush()  # the events the checkpoint counts as logged go first: a kill after it loses none
+            write_atomically(self.path, lambda tmp: torch_save(self.latest, tmp), durable=True)
+            self.written_at, self.saved_step = time.time(), self.latest["global_step"]
+
+    def resume_hint(self, failure):
+        """What to do after `failure`, a WriteFailed, with the checkpoint on disk."""
+        if self.saved_step is None:
+            return f"no checkpoint was saved: start the run again {failure.once_fixed()}"
+        return f"--resume {self.run.run_dir} continues from global step {self.saved_step} {failure.once_fixed()}"
 
     def remove(self):
         if os.path.exists(self.path):
@@ -1123,6 +1312,63 @@ def resolve_run(args):
     if algo != ALGO:
         raise BadArgument(f"{path} is a {algo} run: resume it with {algo}_continuous.py")
     return args, checkpoint, run_dir, checkpoint["run_name"]
+
+
+# a live run holds this in its folder (an exclusive flock, its PID inside); reproduce.py reads it
+RUN_LOCK = "run.lock"
+
+
+def hold_run_folder(run_dir):
+    """Make run_dir and hold its run.lock until the returned file is closed: one writer per run folder. The kernel
+    releases a flock when its holder dies, however it dies, so a free lock is taken over, whoever left it."""
+    path = os.path.join(run_dir, RUN_LOCK)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as e:
+        raise BadArgument(f"cannot create {path}: {e.strerror or e}")
+    for _ in range(10):  # for half a second: `reproduce.py list` holds it shared for an instant, to read it
+        if flocked(lock):
+            break
+        time.sleep(0.05)
+    else:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise BadArgument(f"{run_dir} is in use by a live run (pid {holder}): "
+                          "one process at a time writes a run folder")
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def flocked(file):
+    """Whether this process now holds an exclusive flock on `file` (always, where there is no flock)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def envs_and_run_folder(args, run_dir):
+    """(envs, eval_env, the run folder's lock): the envs first, so that a bad --env-id leaves no folder behind."""
+    envs = make_envs(args, run_dir)
+    eval_env = make_eval_env(args, run_dir) if args.eval_every else None
+    try:
+        return envs, eval_env, hold_run_folder(run_dir)
+    except BadArgument:
+        close_all(envs, eval_env)
+        raise
+
+
+def close_all(*resources):
+    for resource in resources:
+        if resource is not None:
+            resource.close()
 
 
 # what gymnasium's wrappers and envs carry from step to step besides the simulator: TimeLimit's step
@@ -1206,6 +1452,18 @@ def sigterm_interrupts():
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def quiet_event_thread():
+    """TensorBoard writes the events from a thread of its own, which prints a traceback when a write fails. The
+    failure surfaces again at the run's next log or flush, which ends the run in one line: the thread keeps quiet."""
+    hook = threading.excepthook
+    threading.excepthook = lambda failed: None if type(failed.thread).__name__ == "_AsyncWriterThread" else hook(failed)
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
 
 
 EXIT_CODES = {"completed": 0, "exploded": 3, "interrupted": 130, "error": 1}

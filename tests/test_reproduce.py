@@ -626,3 +626,39 @@ def test_end_to_end_shifted_mean(tmp_path):
     assert report.count("| 1/0/0/0 |") == 2
     if importlib.util.find_spec("matplotlib"):
         assert os.path.getsize(os.path.join(out, "shifted-mean", "stability.png")) > 10_000
+
+
+@pytest.mark.skipif(not HAVE_SCRIPTS, reason="training scripts not present")
+def test_a_live_script_holds_its_folder_until_killed_and_run_resumes_it(tmp_path, capsys):
+    """A real script's run.lock: `list` says running (pid) while it runs, and a second writer and a --resume of it
+    are refused in one line naming that pid; once it is SIGKILLed `list` says interrupted, and `run` resumes it:
+    reproduce.py's lock and the script's, in one folder, do not wait on each other."""
+    from tests.helpers import cli_in_process
+
+    out = str(tmp_path)
+    run = reproduce.runs_of("vpg", [1], 2000)[0]
+    cmd, folder = reproduce.command(run, os.path.join(out, "runs")), run_dir(out, run["id"])
+
+    def listed():
+        assert reproduce.main(["list", "vpg", "--seeds", "1", "--total-timesteps", "2000", "--out", out]) == 0
+        return capsys.readouterr().out.splitlines()[1]
+
+    # stopped as its second rollout starts, its first checkpoint written
+    live = subprocess.Popen([cmd[0], os.path.join(ROOT, "tests", "data", "fault_runner.py"), *cmd[1:]],
+                            env={**os.environ, "FAULT": "rollout:2", "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert any(line.startswith("paused at") for line in live.stdout)
+        assert listed().endswith(f"# running (pid {live.pid})")
+        for args in [cmd[2:], ["--resume", folder]]:
+            code, stderr = cli_in_process("vpg_continuous.py", *args)
+            assert code == 2 and stderr.strip() == (f"error: {folder} is in use by a live run (pid {live.pid}): "
+                                                    "one process at a time writes a run folder")
+    finally:
+        live.kill()
+        live.communicate()
+    assert listed().endswith("# interrupted; `reproduce.py run` continues it")
+    done = subprocess.run([sys.executable, REPRO, "run", "vpg", "--seeds", "1", "--total-timesteps", "2000",
+                           "--only", run["id"], "--out", out], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert status(out, run["id"]) == "completed" and f"--resume {folder}" in read(folder, "train.log")
