@@ -79,8 +79,9 @@ def _reference(new_logp, old_logp, advantages, clip_coef, kind):
             "max_log_ratio_effective": eff.max(),
             "clip_frac": ((lr > math.log1p(clip_coef)) | (lr < math.log1p(-clip_coef))).to(lr.dtype).mean(),
             "approx_kl": ((ratio - 1) - lr).mean(),
-            "n_nonfinite": (~(new_logp.detach().isfinite() & old_logp.isfinite() & adv.isfinite())).sum(),
-            "n_overflow": (lr.isfinite() & ratio.isinf()).sum(),
+            # x * 0 is NaN exactly where x is inf or NaN (isfinite is four kernels each)
+            "n_nonfinite": (new_logp.detach() * 0 + old_logp * 0 + adv * 0).isnan().sum(),
+            "n_overflow": ((ratio == math.inf) & (lr != math.inf)).sum(),  # exp of a finite log-ratio overflowed
         }
     return loss, stats
 

@@ -4,15 +4,17 @@ of our --cuda against our CPU.
 Against SB3: both run with the same hyperparameters (CleanRL's, which both can express), networks, thread
 settings and step budget, alternately in this one invocation, each in a fresh process; the ratio is
 ours / SB3, of the medians over --repeats. SPS is given by wall time and by the process's CPU time: on a
-shared machine the CPU-time figure is the one less disturbed by other load. SB3 is installed on the fly
-if missing (it is not a dependency here).
+shared machine the CPU-time figure is the one less disturbed by other load. Both leave start-up out: ours
+is the summary's (start-up is what the script's train() does before its first env step), SB3's is timed
+around learn(). SB3 is installed on the fly if missing (it is not a dependency here).
 
 --cuda: the headline command, cpg_continuous.py with the paper's settings, on the GPU (CUDA graphs, the
 default) against the same on --cpu-cores pinned CPU cores (taskset, as many torch threads), and against plain
 eager CUDA (--no-cuda-graphs), alternately; medians over --repeats. No SB3 is needed. SPS is measured at
 steady state: from the TensorBoard timestamps of the run's per-iteration scalars, over the iterations
-after the first --warmup-iterations, so process start, CUDA start-up, graph capture and cuBLAS
-initialisation are left out (short runs would otherwise understate --cuda).
+after the first --warmup-iterations. The summary's SPS already leaves out process start, CUDA start-up,
+graph capture and cuBLAS initialisation (the scripts' start-up); the steady state also leaves out whatever
+else the first iterations do once (short runs would otherwise understate --cuda).
 
     python benchmarks/bench_sps.py                      # the three cases below, 1 thread each
     python benchmarks/bench_sps.py --threads 2 --steps 40960
@@ -76,7 +78,8 @@ def thread_env(threads):
 
 
 def ours(env_id, hidden, steps, threads, flags=CLEANRL_FLAGS, script="ppo_continuous.py", cpus=None, warmup=None):
-    """One run in a fresh process: its summary's SPS and, with `warmup`, the steady-state SPS after it."""
+    """One run in a fresh process: its summary's SPS by wall and CPU time (start-up left out) and, with
+    `warmup`, the steady-state SPS after that many iterations."""
     with tempfile.TemporaryDirectory() as log_dir:
         command = [sys.executable, str(ROOT / script), "--env-id", env_id, "--policy-hidden", *map(str, hidden),
                    "--total-timesteps", str(steps), *flags, "--log-dir", log_dir, "--run-name", "bench"]
@@ -84,7 +87,8 @@ def ours(env_id, hidden, steps, threads, flags=CLEANRL_FLAGS, script="ppo_contin
             command = ["taskset", "-c", cpus, *command]
         subprocess.run(command, env=thread_env(threads), check=True, capture_output=True, text=True)
         summary = json.loads((Path(log_dir) / "bench" / "summary.json").read_text())
-        result = {"sps": summary["sps"], "cpu_sps": summary["global_step"] / summary["cpu_time_s"]}
+        result = {"sps": summary["sps"],
+                  "cpu_sps": summary["global_step"] / (summary["cpu_time_s"] - summary["startup_cpu_s"])}
         if warmup is not None:
             result["steady_sps"] = sps_after_warmup(iteration_times(Path(log_dir) / "bench"), warmup)
         return result

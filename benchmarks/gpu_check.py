@@ -34,6 +34,8 @@ NAMED_TESTS = {
     "test_cuda_cpg_completes_the_shifted_mean": "CPG, same settings, completes",
     "test_cuda_graph_replay_of_the_fused_op_is_bit_identical_to_eager":
         "fused op fwd+bwd replayed from torch.cuda.graph = eager, bit for bit",
+    "test_cuda_policy_mean_waits_once_per_env_step": "rollout policy mean: one host wait per env step (pinned copies)",
+    "test_cuda_graphs_are_all_captured_in_start_up": "every CUDA graph captured in start-up, which SPS leaves out",
 }
 FUSED_SIZES = [64, 4096, 65536, 16777216]
 TARGET_PCT_COPY = 80  # the fused op's fwd+bwd kernels at 16M float32, % of copy bandwidth

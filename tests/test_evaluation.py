@@ -29,7 +29,7 @@ def test_evaluating_leaves_training_bit_identical(script, flags, tmp_path):
     for scalars in (scalars_plain, scalars_eval):
         del scalars["charts/SPS"]
     assert scalars_eval == scalars_plain
-    timing = {"wall_time_s", "cpu_time_s", "sps", "args"}
+    timing = {"wall_time_s", "cpu_time_s", "startup_s", "startup_cpu_s", "sps", "args"}
     assert {k: v for k, v in summary_plain.items() if k not in timing} == \
         {k: v for k, v in summary_eval.items() if k not in timing | {"eval_return", "max_eval_return", "eval_step"}}
     assert "eval_return" not in summary_plain

@@ -19,7 +19,7 @@ from tests.helpers import (ROOT, SCRIPTS, SHIFTED_HUMANOID, assert_equal_tensors
 PRE_FAST_PATH = "ebe6f92"
 # a [64, 64] policy keeps the runs short; 1000 steps in minibatches of 64 leave a last one of 40
 SMALL = ["--policy-hidden", "64", "64", "--total-timesteps", 2000, "--save-model"]
-TIMING = {"wall_time_s", "cpu_time_s", "sps", "args"}
+TIMING = {"wall_time_s", "cpu_time_s", "startup_s", "startup_cpu_s", "sps", "args"}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -12,7 +12,7 @@ from tests.helpers import (ROOT, SHIFTED_HUMANOID, TINY, assert_equal_tensors, i
 PRE_REFACTOR = "98c846d518bcdb10bb5f5f5665d67e632ab44354"
 SMALL = ["--env-id", "Hopper-v4", "--policy-hidden", "64", "64", "--total-timesteps", 2000, "--save-model"]
 EVAL = ["--eval-every", 1000, "--eval-episodes", 2]
-TIMING = {"wall_time_s", "cpu_time_s", "sps"}
+TIMING = {"wall_time_s", "cpu_time_s", "startup_s", "startup_cpu_s", "sps"}
 
 
 @pytest.fixture(scope="module")
