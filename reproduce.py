@@ -63,19 +63,25 @@ EXPERIMENTS = {
         what="PPO on Hopper-v4 with the rewards scaled before learning: the explosion rate does not fall "
              "monotonically with the scale, so large rewards are not the root cause."),
     "constraints": dict(
-        paper="Fig. 3", cells=grid(["ppo"], HUMANOID, {"mean-shift": [100.0],
-                                                       "objective": ["clip", "kl-penalty", "none"]}),
+        paper="Fig. 3", steps=100_000, cells=grid(["ppo"], HUMANOID, {"mean-shift": [100.0],
+                                                                      "objective": ["clip", "kl-penalty", "none"]}),
+        figure=dict(file="kl_and_ratio.png", tags=["stability/log10_kl", "stability/max_log10_ratio"],
+                    by="objective", x="update"),
         what="PPO on Humanoid-v4 with the mean shifted out of the box by c = 100 (Appendix A.2) under ratio "
-             "clipping, the KL penalty (Eq. 12) and no constraint: log10 KL stays small while the max log10 "
-             "ratio grows; without any constraint it explodes within a few updates."),
+             "clipping, the KL penalty (Eq. 12) and no constraint, at 100k steps (the paper plots a few hundred "
+             "optimization steps): log10 KL stays small while the max log10 ratio grows; without any constraint "
+             "it explodes within a few updates. kl_and_ratio.png: both per update, a line per run, as Fig. 3."),
     "small-nets": dict(
         paper="Fig. 4", cells=grid(["ppo", "cpg"], ENVS, {"policy-hidden": [[64, 64]]}),
         what="PPO vs CPG (clipped log-ratio objective, Eq. 15) with [64, 64] policies, where nothing should "
              "explode: the two should reach comparable returns."),
     "large-nets": dict(
         paper="Fig. 2, 5, 6", cells=grid(["ppo", "cpg"], ENVS),
+        figure=dict(file="humanoid_ppo_ratio_and_std.png", tags=["stability/max_log10_ratio", "stability/min_std"],
+                    only="ppo__Humanoid-v4", x="steps"),
         what="PPO vs CPG with the paper's large policies: PPO explodes with huge max log10 ratios (Fig. 2) "
-             "before the std gets small (Fig. 6); CPG keeps learning (Fig. 5)."),
+             "before the std gets small (Fig. 6); CPG keeps learning (Fig. 5). humanoid_ppo_ratio_and_std.png: "
+             "PPO on Humanoid-v4, a line per run, as Figs. 2 and 6."),
     "learning-rate": dict(
         paper="Fig. 7a", cells=grid(["ppo"], WALKER, {"learning-rate": [1e-4, 3e-5, 1e-5]}),
         what="PPO on Walker2d-v4 at learning rates 1e-4 (the paper's default), 3e-5 and 1e-5 (the paper does "
@@ -83,9 +89,11 @@ EXPERIMENTS = {
     "optimizer-width": dict(
         paper="Fig. 7b,c", cells=grid(["ppo"], HOPPER, {"optimizer": ["adam", "sgd"],
                                                        "policy-hidden": [[64], [256], [1024]]}),
+        figure=dict(file="l2_from_init.png", tags=["stability/policy_l2_from_init"], by="optimizer", x="steps"),
         what="PPO on Hopper-v4, Adam vs SGD (both at the default learning rate 1e-4; the paper gives no SGD rate) "
              "with one hidden layer of width 64, 256 or 1024: the distance of the mean network's outputs from "
-             "initialisation (stability/policy_l2_from_init) grows faster with width under Adam."),
+             "initialisation (stability/policy_l2_from_init) grows faster with width under Adam. "
+             "l2_from_init.png: that distance against steps, Adam and SGD side by side, as Figs. 7b and 7c."),
     "shifted-mean": dict(
         paper="Appendix A.2, Fig. 8c", cells=grid(["ppo", "cpg", "vpg"], HUMANOID, {"mean-shift": [100.0]}),
         tags=STABILITY + ["stability/mean_abs_advantage"],
@@ -93,14 +101,14 @@ EXPERIMENTS = {
              "to zero (Fig. 8c plots it on a log10 scale, around 10^1) while the max log10 ratio grows. Which "
              "algorithms explode, and when."),
     "logprob-at": dict(
-        paper="ours", cells=grid(["ppo", "cpg"], HOPPER, {"logprob-at": ["clipped", "raw"]}),
-        what="PPO and CPG on Hopper-v4 [1024] storing the log-prob of the clipped action (paper) or of the raw "
-             "sample (CleanRL, SB3): does storing the raw sample alone remove the explosions?"),
+        paper="ours", cells=grid(["ppo", "cpg"], ENVS, {"logprob-at": ["clipped", "raw"]}),
+        what="PPO and CPG with the paper's large policies storing the log-prob of the clipped action (paper) or of "
+             "the raw sample (CleanRL, SB3): does storing the raw sample alone remove the explosions?"),
     "squash": dict(
-        paper="ours", cells=grid(["ppo", "cpg"], HOPPER, {"squash": ["none", "tanh"]}),
-        what="PPO and CPG on Hopper-v4 [1024] with the Gaussian's actions clipped to the box (paper) or squashed by "
-             "tanh (SAC-style, log-prob with the tanh Jacobian): the tanh-squashed Gaussian never evaluates a density "
-             "at a clipped action; does PPO still explode?"),
+        paper="ours", cells=grid(["ppo", "cpg"], ENVS, {"squash": ["none", "tanh"]}),
+        what="PPO and CPG with the paper's large policies, the Gaussian's actions clipped to the box (paper) or "
+             "squashed by tanh (SAC-style, log-prob with the tanh Jacobian): the tanh-squashed Gaussian never "
+             "evaluates a density at a clipped action; does PPO still explode?"),
     "returns-gap": dict(
         paper="ours", cells=[("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64}),
                              ("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64, "update-epochs": 10}),
@@ -776,9 +784,10 @@ def cmd_report(exp, opts):
     os.makedirs(exp_dir, exist_ok=True)
     why = "not drawn (--no-figures)"
     if not opts.no_figures:
-        _, why = plot(runs, exp_dir, store, spec.get("tags", STABILITY))
+        _, why = plot(runs, exp_dir, store, spec.get("tags", STABILITY), spec.get("figure"))
     # the figures in the folder: those just drawn, or with --no-figures those drawn before
-    figures = [f for f in FIGURES if os.path.exists(os.path.join(exp_dir, f))]
+    own = [spec["figure"]["file"]] if "figure" in spec else []
+    figures = [f for f in FIGURES + own if os.path.exists(os.path.join(exp_dir, f))]
     lines += ["## Figures", ""]
     # the reason goes to the terminal only, so that the report is the same whatever the reason
     lines += [f"![{f}]({f})" for f in figures] if figures else ["No figures yet (they need matplotlib and runs' logs)."]
@@ -822,9 +831,10 @@ def on_grid(series, n=200):
     return xs, ys
 
 
-def plot(runs, exp_dir, store, tags):
-    """learning_curves.png (mean and min-max over seeds per group) and stability.png (each run, log-x so the
-    early explosions show; x marks where a run exploded). Returns (files, why none)."""
+def plot(runs, exp_dir, store, tags, figure=None):
+    """learning_curves.png (mean and min-max over seeds per group), stability.png (each run, log-x so the
+    early explosions show; x marks where a run exploded) and the experiment's own `figure` (plot_panels).
+    Returns (files, why none)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -832,7 +842,8 @@ def plot(runs, exp_dir, store, tags):
     except ImportError:
         return [], "matplotlib is not installed (pip install matplotlib, the 'plot' extra)"
     try:
-        data = {r["id"]: scalars(os.path.join(store, r["id"]), ["charts/episodic_return"] + tags)
+        wanted = list(dict.fromkeys(["charts/episodic_return"] + tags + (figure or {}).get("tags", [])))
+        data = {r["id"]: scalars(os.path.join(store, r["id"]), wanted)
                 for r in runs if os.path.isdir(os.path.join(store, r["id"]))}
     except ImportError:
         return [], "tensorboard is not installed"
@@ -896,7 +907,52 @@ def plot(runs, exp_dir, store, tags):
     fig.savefig(os.path.join(exp_dir, "stability.png"), dpi=100)
     plt.close(fig)
     files.append("stability.png")
+    if figure and plot_panels(plt, runs, data, label, exp_dir, **figure):
+        files.append(figure["file"])
     return files, ""
+
+
+def plot_panels(plt, runs, data, label, exp_dir, file, tags, x, by=None, only=""):
+    """The paper's per-run figures (Figs. 2, 3, 6, 7b,c): a row per tag, a column per value of the flag `by`
+    (per env without one), a line per run against environment steps or update number, on linear axes as the
+    paper draws them. Lines are coloured by cell where a panel has several, else by seed. Runs whose id lacks
+    `only` are left out. False if no run has data for it."""
+    chosen = [r for r in runs if only in r["id"] and any(t in data.get(r["id"], {}) for t in tags)]
+    if not chosen:
+        return False
+
+    def column(r):
+        return r["env"] + (f", {by}={fmt(r['flags'][by])}" if by else "")
+
+    columns = list(dict.fromkeys(column(r) for r in chosen))
+    fig, axes = plt.subplots(len(tags), len(columns), figsize=(5 * len(columns), 3 * len(tags)), squeeze=False)
+    for j, col in enumerate(columns):
+        members = [r for r in chosen if column(r) == col]
+        groups = list(dict.fromkeys(r["group"] for r in members))
+        seen = set()
+        for r in members:
+            name = label[r["group"]] if len(groups) > 1 else f"seed {r['seed']}"
+            color = plt.cm.tab10((groups.index(r["group"]) if len(groups) > 1 else r["seed"] - 1) % 10)
+            for i, tag in enumerate(tags):
+                d = data[r["id"]].get(tag)
+                if d is None or not len(d[0]):
+                    continue
+                xs = d[0] if x == "steps" else np.arange(1, len(d[0]) + 1)
+                axes[i, j].plot(xs, d[1], color=color, lw=0.8, marker="." if len(xs) < 5 else None,
+                                label=None if name in seen else name)
+                seen.add(name)
+                ok = np.isfinite(d[1])
+                if r["outcome"] == "exploded" and ok.any():
+                    axes[i, j].plot(xs[ok][-1], d[1][ok][-1], "x", color=color, ms=8)
+        for i, tag in enumerate(tags):
+            axes[i, j].set(title=f"{col}: {tag.split('/')[-1]}",
+                           xlabel="environment steps" if x == "steps" else "update (one per rollout)")
+        if axes[0, j].get_legend_handles_labels()[0]:
+            axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(exp_dir, file), dpi=100)
+    plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- main

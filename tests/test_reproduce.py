@@ -94,9 +94,9 @@ EXPECTED = {  # experiment: (runs at 5 seeds, algos, envs)
     "learning-rate": (15, {"ppo"}, {"Walker2d-v4"}),
     "optimizer-width": (30, {"ppo"}, {"Hopper-v4"}),
     "shifted-mean": (15, {"ppo", "cpg", "vpg"}, {"Humanoid-v4"}),
-    "logprob-at": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
+    "logprob-at": (60, {"ppo", "cpg"}, set(reproduce.ENVS)),
     "logprob-at-shifted": (20, {"ppo", "cpg"}, {"Humanoid-v4"}),
-    "squash": (20, {"ppo", "cpg"}, {"Hopper-v4"}),
+    "squash": (60, {"ppo", "cpg"}, set(reproduce.ENVS)),
     "returns-gap": (25, {"ppo", "vpg"}, {"Hopper-v4"}),
     "long-tanh": (5, {"ppo"}, {"Hopper-v4"}),
 }
@@ -135,7 +135,12 @@ def test_grid_contents():
     assert values("optimizer-width", "optimizer") == {("adam",), ("sgd",)}
     assert values("optimizer-width", "policy-hidden") == {("64",), ("256",), ("1024",)}
     assert values("logprob-at", "logprob-at") == {("clipped",), ("raw",)}
-    assert values("squash", "squash") == {("none",), ("tanh",)} and values("squash", "policy-hidden") == {("1024",)}
+    assert values("squash", "squash") == {("none",), ("tanh",)}
+    assert values("squash", "policy-hidden") == values("logprob-at", "policy-hidden") == {("1024",), ("1024", "1024")}
+    # Fig. 3 plots a few hundred optimization steps: its cells are 100k-step runs, clip shared with shifted-mean
+    assert reproduce.EXPERIMENTS["constraints"]["steps"] == 100_000
+    clip = ids("constraints", [1], 100_000, only=["objective=clip"])
+    assert clip == ids("shifted-mean", [1], 100_000, only=["ppo"]) == ["ppo__Humanoid-v4__mean-shift=100__100k__s1"]
     assert ids("vpg", [1, 2], 1000, only=["Walker2d", "s2"]) == ["vpg__Walker2d-v4__1k__s2"]
 
 
@@ -160,10 +165,12 @@ def test_run_ids_name_effective_command_lines():
         ["none", 1.0, "clipped", "none"]
     assert homes["squash"]["shared"] == ["mean-transform", "reward-scale", "large-nets", "optimizer-width",
                                          "logprob-at"]
-    assert ids("squash", [2], 20_000) == ["ppo__Hopper-v4__policy-hidden=1024__20k__s2",
+    assert ids("squash", [2], 20_000, only=["Hopper"]) == ["ppo__Hopper-v4__policy-hidden=1024__20k__s2",
                                           "ppo__Hopper-v4__policy-hidden=1024__squash=tanh__20k__s2",
                                           "cpg__Hopper-v4__policy-hidden=1024__20k__s2",
                                           "cpg__Hopper-v4__policy-hidden=1024__squash=tanh__20k__s2"]
+    assert ids("squash", [2], 20_000, only=["ppo__Walker2d"]) == ["ppo__Walker2d-v4__20k__s2",
+                                                                   "ppo__Walker2d-v4__squash=tanh__20k__s2"]
     assert ids("shifted-mean", [1], 2500)[0] == ids("constraints", [1], 2500)[0] == \
         "ppo__Humanoid-v4__mean-shift=100__2500__s1"
 
@@ -218,7 +225,7 @@ def test_list_cli_and_bad_names(tmp_path, capsys):
         assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, argv
         assert "unknown experiment" in bad.stderr
 
-    reproduce.main(["list", "squash", "--seeds", "1", "--out", str(tmp_path)])
+    reproduce.main(["list", "squash", "--seeds", "1", "--only", "Hopper", "--out", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("4 runs, 1,000,000 steps, seeds 1, 2 shared with other experiments, 0 done")
     assert [line.partition("  # ")[2] for line in lines[1:]] == [
@@ -316,12 +323,12 @@ def test_budgets_never_mix(stubs, tmp_path, capsys):
 def test_shared_runs_are_trained_once(stubs, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert reproduce.main(["run", "reward-scale", "--seeds", "1", "--only", "reward-scale=1__", "--out", out]) == 0
-    assert reproduce.main(["run", "squash", "--seeds", "1", "--out", out]) == 0
+    assert reproduce.main(["run", "squash", "--seeds", "1", "--only", "Hopper", "--out", out]) == 0
     assert "4 runs (1,000,000 steps, seeds 1), 2 shared with other experiments, 1 already done, 3 to run" \
         in capsys.readouterr().out
     assert reproduce.main(["run", "large-nets", "--seeds", "1", "--only", "Hopper", "--out", out]) == 0
     assert "2 already done, 0 to run" in capsys.readouterr().out
-    assert [calls(out, n) for n in ids("squash", [1])] == [1, 1, 1, 1]
+    assert [calls(out, n) for n in ids("squash", [1], only=["Hopper"])] == [1, 1, 1, 1]
     assert sorted(os.listdir(out)) == ["large-nets", "reward-scale", "runs", "squash"]
     assert len(os.listdir(os.path.join(out, "runs"))) == 4
     reproduce.main(["report", "large-nets", "--out", out])
@@ -456,6 +463,40 @@ def test_report_numbers_and_figures(tmp_path):
                 assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
     else:
         assert "No figures yet (they need matplotlib and runs' logs)." in report
+
+
+def png_size(path):
+    """(width, height) in pixels, from the PNG's header."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="matplotlib is not installed")
+def test_the_papers_per_run_figures(tmp_path):
+    """Fig. 3 (constraints): a column per objective, a row each for log10 KL and the max log10 ratio; Figs. 2, 6
+    (large-nets): PPO on Humanoid only, a row each for the ratio and the min std. Panels are 5 x 3 inches at 100
+    dpi, so the image's size counts them; an experiment without its runs' logs draws none."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = str(tmp_path)
+    for exp, only in (("constraints", ()), ("large-nets", ("Humanoid",))):
+        for r in reproduce.runs_of(exp, [1, 2], 100_000 if exp == "constraints" else reproduce.STEPS, only):
+            write_summary(out, r["id"], status="exploded" if r["algo"] == "ppo" else "completed")
+            w = SummaryWriter(run_dir(out, r["id"]))
+            for i in range(1, 4):
+                for tag in reproduce.STABILITY:
+                    w.add_scalar(tag, float(i * r["seed"]), 2048 * i)
+            w.close()
+    assert reproduce.main(["report", "constraints", "--out", out, "--seeds", "2"]) == 0
+    assert png_size(os.path.join(out, "constraints", "kl_and_ratio.png")) == (1500, 600)
+    assert "![kl_and_ratio.png](kl_and_ratio.png)" in read(out, "constraints", "report.md")
+    assert reproduce.main(["report", "large-nets", "--out", out, "--seeds", "2"]) == 0
+    assert png_size(os.path.join(out, "large-nets", "humanoid_ppo_ratio_and_std.png")) == (500, 600)
+    assert reproduce.main(["report", "optimizer-width", "--out", out, "--seeds", "2"]) == 0
+    assert not os.path.exists(os.path.join(out, "optimizer-width", "l2_from_init.png"))
+    assert "![l2_from_init.png]" not in read(out, "optimizer-width", "report.md")
 
 
 def test_exact_interval_and_fisher_test():
