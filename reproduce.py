@@ -800,6 +800,98 @@ def cmd_report(exp, opts):
     return 0
 
 
+# -------------------------------------------------------------------------------------------- tables
+
+# The paper's tables with the three environments side by side: (title, experiment whose paper numbers apply,
+# rows as (label, algo, flags), environments). Cells use the paper's per-env widths unless a row sets them.
+TABLES = [
+    ("Table 1: PPO with the mean mapped into the box", "mean-transform",
+     [(f"`{t}`", "ppo", {"mean-transform": t}) for t in ("clip", "tanh", "none")], ENVS),
+    ("Table 2: VPG", "vpg", [("VPG", "vpg", {})], ENVS),
+    ("Table 6: PPO with the rewards scaled", "reward-scale",
+     [(f"× {s:g}", "ppo", {"reward-scale": s}) for s in (1.0, 0.1, 0.01, 0.001)], HOPPER),
+    ("Fig. 4: `[64, 64]` policies", "small-nets",
+     [(a.upper(), a, {"policy-hidden": [64, 64]}) for a in ("ppo", "cpg")], ENVS),
+    ("Fig. 5: CPG and PPO with the paper's large policies", "large-nets",
+     [(a.upper(), a, {}) for a in ("ppo", "cpg")], ENVS),
+    ("Ours: what the ratio's log-prob is taken of", "logprob-at",
+     [(f"{a.upper()}, {what}", a, flags) for a in ("ppo", "cpg")
+      for what, flags in (("clipped action (paper)", {}), ("raw sample", {"logprob-at": "raw"}),
+                          ("tanh-squashed Gaussian", {"squash": "tanh"}))], ENVS),
+]
+
+
+def stored_runs(store, algo, env, flags, steps=STEPS):
+    """(outcome, summary) of every finished run of a cell in the store, any seed."""
+    prefix = f"{cell_id(algo, env, flags)}__{budget(steps)}__s"
+    names = sorted(n for n in (os.listdir(store) if os.path.isdir(store) else [])
+                   if n.startswith(prefix) and n[len(prefix):].isdigit())
+    return [o for o in (outcome(os.path.join(store, n)) for n in names) if o[0] in DONE]
+
+
+def round_pm(x):
+    return "N/A" if x is None else f"{x[0]:.0f} ± {x[1]:.0f}"
+
+
+def paper_table(title, exp, rows, envs, store):
+    """One paper table: per environment, our explosions against the paper's (Fisher's p), the final return
+    (the paper's in brackets), the max return where the paper gives one, and the best deterministic evaluation
+    (how many runs have it: the older runs were made before it existed)."""
+    has = [any(n[i] for _, n in PAPER.get(exp, [])) for i in range(3)]  # final, max, rate: what the paper gives
+    header = ["setting"]
+    for env in envs:
+        header += [f"{env}: explosions" + (" (paper, p)" if has[2] else ""), f"{env}: final" + (" (paper)" * has[0])]
+        header += ([f"{env}: max (paper)"] if has[1] else []) + [f"{env}: max eval (runs)"]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, algo, flags in rows:
+        row = [label]
+        for env in envs:
+            full = {"policy-hidden": WIDE[env], **flags}
+            cell = {"algo": algo, "env": env, **{k: fmt(v) for k, v in
+                                                 {**DEFAULTS, **ALGO_DEFAULTS.get(algo, {}), **full}.items()}}
+            paper = paper_numbers(exp, cell) or (None, None, None)
+            runs = stored_runs(store, algo, env, full)
+            st = group_stats(runs)
+            k_paper = paper_count(paper[2])
+            if not runs:
+                rate = "not run"
+            else:
+                rate = rate_text(st["count"]["exploded"], st["finished"])
+                if k_paper is not None:
+                    p = fisher_exact(st["count"]["exploded"], st["finished"], k_paper, 5)
+                    rate += f" ({k_paper}/5, p = {p:.2g})"
+            with_eval = sum(s.get("max_eval_return") is not None for _, s in runs)
+            row += [rate, round_pm(st["final"]) + (f" ({paper[0]})" if paper[0] else "")]
+            row += [round_pm(st["max"]) + (f" ({paper[1]})" if paper[1] else "")] if has[1] else []
+            row += [f"{round_pm(st['max_eval'])} ({with_eval})" if with_eval else "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+TABLES_INTRO = (
+    "The paper's tables, the three environments side by side, from every finished run at 1M steps in the store "
+    "(all seeds). Explosions: k/n = rate [exact 95% Clopper-Pearson interval, in %], then the paper's k of 5 and "
+    "the two-sided Fisher exact p of ours against it. Final: mean ± std of the completed runs' last-10-episode "
+    "returns, N/A if none completed; max: the best 10-episode average, over finished runs; max eval: a run's best "
+    "deterministic evaluation (the mean action, 10 episodes, every 100k steps), over the finished runs that have "
+    "one (their number in brackets). The paper's numbers are in brackets. Written by `python reproduce.py "
+    "tables`; the experiments' reports have the details.")
+
+
+def cmd_tables(opts):
+    store = os.path.join(opts.out, "runs")
+    lines = ["# The paper's tables across environments", "", TABLES_INTRO, ""]
+    for spec in TABLES:
+        lines += paper_table(*spec, store) + [""]
+    path = os.path.join(opts.out, "tables.md")
+    os.makedirs(opts.out, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- figures
 
 def scalars(run_dir, tags):
@@ -959,8 +1051,9 @@ def plot_panels(plt, runs, data, label, exp_dir, file, tags, x, by=None, only=""
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["list", "run", "report"])
-    p.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}; or `all` (list, report)")
+    p.add_argument("command", choices=["list", "run", "report", "tables"],
+                   help="tables: {out}/tables.md, the paper's tables across environments (no experiment)")
+    p.add_argument("experiment", nargs="?", help=f"one of: {', '.join(EXPERIMENTS)}; or `all` (list, report)")
     p.add_argument("--seeds", type=int, nargs="+", help="N: seeds 1..N (default 5); several: those seeds")
     p.add_argument("--total-timesteps", type=int, help=f"steps per run (default {STEPS:,}, the paper's)")
     p.add_argument("--workers", type=int, help="runs at a time (local default 1; ray default: all, Ray schedules)")
@@ -973,6 +1066,10 @@ def main(argv=None):
     p.add_argument("--no-figures", action="store_true",
                    help="report: leave the figures as they are (the report links those in its folder)")
     opts = p.parse_args(argv)
+    if opts.command == "tables":
+        return cmd_tables(opts)
+    if opts.experiment is None:
+        die(f"{opts.command} needs an experiment (one of: {', '.join(EXPERIMENTS)})")
     if opts.experiment == "all" and opts.command != "run":
         exps = list(EXPERIMENTS)
         if opts.command == "report":  # the experiments that have results

@@ -583,15 +583,19 @@ def committed_runs():
     return {os.path.dirname(p) for p in listed.stdout.splitlines() if p.endswith("/summary.json")}
 
 
+def committed_store(out, tmp_path):
+    """A store of links to the committed runs under `out` alone: what a fresh clone has."""
+    os.makedirs(tmp_path / "runs")
+    for run in committed_runs():
+        if os.path.dirname(run) == os.path.join(out, "runs"):
+            os.symlink(os.path.join(ROOT, run), tmp_path / "runs" / os.path.basename(run))
+
+
 @pytest.mark.parametrize("out", ["results", "results/200k"])
 def test_committed_reports_regenerate_exactly(out, tmp_path):
     """`report EXP` alone, on the committed runs, writes each committed report again; only the line that
     says when and from where may differ."""
-    runs = committed_runs()
-    os.makedirs(tmp_path / "runs")
-    for run in runs:
-        if os.path.dirname(run) == os.path.join(out, "runs"):
-            os.symlink(os.path.join(ROOT, run), tmp_path / "runs" / os.path.basename(run))
+    committed_store(out, tmp_path)
     reports = [e for e in reproduce.EXPERIMENTS if os.path.exists(os.path.join(ROOT, out, e, "report.md"))]
     assert reports
     for exp in reports:
@@ -602,6 +606,26 @@ def test_committed_reports_regenerate_exactly(out, tmp_path):
         for old, new in zip(committed, regenerated):
             if not old.startswith("Generated "):
                 assert new == old, exp
+
+
+def test_committed_tables_regenerate_exactly_and_are_the_readmes(tmp_path, capsys):
+    """`tables` on the committed runs writes results/tables.md again, and the README shows each of its tables
+    as written: the README's numbers are the runs'."""
+    committed_store("results", tmp_path)
+    assert reproduce.main(["tables", "--out", str(tmp_path)]) == 0
+    written = read(tmp_path, "tables.md")
+    assert written == read(ROOT, "results", "tables.md")
+    tables = [t for t in written.split("\n\n") if t.startswith("| setting |")]
+    assert len(tables) == len(reproduce.TABLES)
+    readme = read(ROOT, "README.md")
+    for table in tables:
+        assert table in readme, table.splitlines()[2]
+    assert reproduce.main(["tables", "--out", str(tmp_path / "empty")]) == 0  # no runs: every cell "not run"
+    assert "| `clip` | not run | N/A (332 ± 129) | — | not run |" in read(tmp_path, "empty", "tables.md")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["report", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "report needs an experiment" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- ray
