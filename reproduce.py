@@ -113,11 +113,13 @@ EXPERIMENTS = {
         paper="ours", cells=[("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64}),
                              ("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64, "update-epochs": 10}),
                              ("vpg", "Hopper-v4", {"policy-hidden": [1024], "minibatch-size": 64, "logprob-at": "raw"}),
-                             *grid(["ppo"], HOPPER, {"norm-obs": [True], "reward-scale": [1.0, 0.1]})],
+                             *grid(["ppo"], HOPPER, {"norm-obs": [True], "reward-scale": [1.0, 0.1]}),
+                             *grid(["ppo"], HOPPER, {"norm-obs": [True], "norm-reward": [True]})],
         what="Settings the paper does not state, tried on Hopper-v4 [1024] to explain why our returns are below the "
              "paper's: VPG in minibatches of 64 (one epoch, or ten: the paper's Table 4 gives VPG neither; and, since "
              "VPG in minibatches of 64 drives its mean out of the box, storing the raw sample), and PPO with "
-             "normalised observations at reward scale 1 and 0.1."),
+             "normalised observations at reward scale 1 and 0.1, and with the rewards normalised too (CleanRL's and "
+             "rl-zoo's Hopper settings: observations and rewards normalised)."),
     "long-tanh": dict(
         paper="Table 1 `tanh`, ours", steps=3_000_000, cells=grid(["ppo"], HOPPER, {"mean-transform": ["tanh"]}),
         what="PPO on Hopper-v4 [1024] with the mean tanh-mapped into the box, at 3M steps: does the return still "
@@ -158,7 +160,7 @@ def fmt(v):
 # left off the command line and the run id, so the same run in several experiments is one run
 DEFAULTS = {"policy-hidden": [1024, 1024], "mean-transform": "none", "mean-shift": 0.0, "reward-scale": 1.0,
             "objective": "clip", "learning-rate": 1e-4, "optimizer": "adam", "logprob-at": "clipped",
-            "squash": "none", "minibatch-size": 64, "update-epochs": 10, "norm-obs": False}
+            "squash": "none", "minibatch-size": 64, "update-epochs": 10, "norm-obs": False, "norm-reward": False}
 ALGO_DEFAULTS = {"vpg": {"minibatch-size": None, "update-epochs": 1}}  # VPG: one step on the whole rollout
 
 
