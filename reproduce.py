@@ -807,19 +807,32 @@ def cmd_report(exp, opts):
 # The paper's tables with the three environments side by side: (title, experiment whose paper numbers apply,
 # rows as (label, algo, flags), environments). Cells use the paper's per-env widths unless a row sets them.
 TABLES = [
-    ("Table 1: PPO with the mean mapped into the box", "mean-transform",
-     [(f"`{t}`", "ppo", {"mean-transform": t}) for t in ("clip", "tanh", "none")], ENVS),
-    ("Table 2: VPG", "vpg", [("VPG", "vpg", {})], ENVS),
-    ("Table 6: PPO with the rewards scaled", "reward-scale",
-     [(f"× {s:g}", "ppo", {"reward-scale": s}) for s in (1.0, 0.1, 0.01, 0.001)], HOPPER),
-    ("Fig. 4: `[64, 64]` policies", "small-nets",
-     [(a.upper(), a, {"policy-hidden": [64, 64]}) for a in ("ppo", "cpg")], ENVS),
-    ("Fig. 5: CPG and PPO with the paper's large policies", "large-nets",
-     [(a.upper(), a, {}) for a in ("ppo", "cpg")], ENVS),
-    ("Ours: what the ratio's log-prob is taken of", "logprob-at",
-     [(f"{a.upper()}, {what}", a, flags) for a in ("ppo", "cpg")
-      for what, flags in (("clipped action (paper)", {}), ("raw sample", {"logprob-at": "raw"}),
-                          ("tanh-squashed Gaussian", {"squash": "tanh"}))], ENVS),
+    dict(title="Table 1: PPO with the mean mapped into the box", exp="mean-transform", envs=ENVS,
+         rows=[(f"`{t}`", "ppo", {"mean-transform": t}) for t in ("clip", "tanh", "none")]),
+    dict(title="Table 2: VPG", exp="vpg", envs=ENVS, rows=[("VPG", "vpg", {})]),
+    dict(title="Table 6: PPO with the rewards scaled", exp="reward-scale", envs=HOPPER,
+         rows=[(f"× {s:g}", "ppo", {"reward-scale": s}) for s in (1.0, 0.1, 0.01, 0.001)]),
+    dict(title="Fig. 4: `[64, 64]` policies", exp="small-nets", envs=ENVS,
+         rows=[(a.upper(), a, {"policy-hidden": [64, 64]}) for a in ("ppo", "cpg")]),
+    dict(title="Fig. 5: CPG and PPO with the paper's large policies", exp="large-nets", envs=ENVS,
+         rows=[(a.upper(), a, {}) for a in ("ppo", "cpg")]),
+    dict(title="Ours: what the ratio's log-prob is taken of", exp="logprob-at", envs=ENVS,
+         rows=[(f"{a.upper()}, {what}", a, flags) for a in ("ppo", "cpg")
+               for what, flags in (("clipped action (paper)", {}), ("raw sample", {"logprob-at": "raw"}),
+                                   ("tanh-squashed Gaussian", {"squash": "tanh"}))]),
+    dict(title="Ours: settings the paper does not state (the returns gap)", exp="returns-gap", envs=HOPPER,
+         detail=True, rows=[
+             ("VPG, whole rollout, 1 epoch (default)", "vpg", {}),
+             ("VPG, minibatches of 64, 1 epoch", "vpg", {"minibatch-size": 64}),
+             ("VPG, minibatches of 64, 10 epochs", "vpg", {"minibatch-size": 64, "update-epochs": 10}),
+             ("VPG, minibatches of 64, raw sample stored", "vpg", {"minibatch-size": 64, "logprob-at": "raw"}),
+             ("PPO, rewards × 1 (default)", "ppo", {}),
+             ("PPO, rewards × 1, observations normalised", "ppo", {"norm-obs": True}),
+             ("PPO, rewards × 0.1", "ppo", {"reward-scale": 0.1}),
+             ("PPO, rewards × 0.1, observations normalised", "ppo", {"norm-obs": True, "reward-scale": 0.1}),
+             ("PPO, observations and rewards normalised", "ppo", {"norm-obs": True, "norm-reward": True}),
+             ("PPO, mean tanh-mapped, 1M steps", "ppo", {"mean-transform": "tanh"}),
+             ("PPO, mean tanh-mapped, 3M steps", "ppo", {"mean-transform": "tanh"}, 3_000_000)]),
 ]
 
 
@@ -835,56 +848,61 @@ def round_pm(x):
     return "N/A" if x is None else f"{x[0]:.0f} ± {x[1]:.0f}"
 
 
-def paper_table(title, exp, rows, envs, store):
+def table_cells(exp, algo, env, flags, steps, store, has, detail):
+    """One environment's cells of a paper-table row (see paper_table)."""
+    full = {"policy-hidden": WIDE[env], **flags}
+    flags_all = {**DEFAULTS, **ALGO_DEFAULTS.get(algo, {}), **full}
+    cell = {"algo": algo, "env": env, **{k: fmt(v) for k, v in flags_all.items()}}
+    paper = paper_numbers(exp, cell) or (None, None, None)
+    runs = stored_runs(store, algo, env, full, steps)
+    st = group_stats(runs)
+    k_paper = paper_count(paper[2])
+    rate = "not run" if not runs else rate_text(st["count"]["exploded"], st["finished"])
+    if runs and k_paper is not None:
+        rate += f" ({k_paper}/5, p = {fisher_exact(st['count']['exploded'], st['finished'], k_paper, 5):.2g})"
+    with_eval = sum(s.get("max_eval_return") is not None for _, s in runs)
+    cells = [rate, round_pm(st["final"]) + (f" ({paper[0]})" if paper[0] else "")]
+    cells += [round_pm(st["max"]) + (f" ({paper[1]})" if paper[1] else "")] if has[1] or detail else []
+    cells += [round_pm(st["eval"])] if detail else []
+    return cells + [f"{round_pm(st['max_eval'])} ({with_eval})" if with_eval else "—"]
+
+
+def paper_table(title, exp, rows, envs, store, detail=False):
     """One paper table: per environment, our explosions against the paper's (Fisher's p), the final return
     (the paper's in brackets), the max return where the paper gives one, and the best deterministic evaluation
-    (how many runs have it: the older runs were made before it existed)."""
+    (how many runs have it: the older runs were made before it existed). detail: the max return and the last
+    evaluation of completed runs too. A row is (label, algo, flags) or (label, algo, flags, steps)."""
     has = [any(n[i] for _, n in PAPER.get(exp, [])) for i in range(3)]  # final, max, rate: what the paper gives
     header = ["setting"]
     for env in envs:
         header += [f"{env}: explosions" + (" (paper, p)" if has[2] else ""), f"{env}: final" + (" (paper)" * has[0])]
-        header += ([f"{env}: max (paper)"] if has[1] else []) + [f"{env}: max eval (runs)"]
+        header += [f"{env}: max" + (" (paper)" * has[1])] if has[1] or detail else []
+        header += [f"{env}: eval (end)"] if detail else []
+        header += [f"{env}: max eval (runs)"]
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, algo, flags in rows:
-        row = [label]
-        for env in envs:
-            full = {"policy-hidden": WIDE[env], **flags}
-            cell = {"algo": algo, "env": env, **{k: fmt(v) for k, v in
-                                                 {**DEFAULTS, **ALGO_DEFAULTS.get(algo, {}), **full}.items()}}
-            paper = paper_numbers(exp, cell) or (None, None, None)
-            runs = stored_runs(store, algo, env, full)
-            st = group_stats(runs)
-            k_paper = paper_count(paper[2])
-            if not runs:
-                rate = "not run"
-            else:
-                rate = rate_text(st["count"]["exploded"], st["finished"])
-                if k_paper is not None:
-                    p = fisher_exact(st["count"]["exploded"], st["finished"], k_paper, 5)
-                    rate += f" ({k_paper}/5, p = {p:.2g})"
-            with_eval = sum(s.get("max_eval_return") is not None for _, s in runs)
-            row += [rate, round_pm(st["final"]) + (f" ({paper[0]})" if paper[0] else "")]
-            row += [round_pm(st["max"]) + (f" ({paper[1]})" if paper[1] else "")] if has[1] else []
-            row += [f"{round_pm(st['max_eval'])} ({with_eval})" if with_eval else "—"]
+    for label, algo, flags, *steps in rows:
+        row = [label] + [c for env in envs
+                         for c in table_cells(exp, algo, env, flags, steps[0] if steps else STEPS, store, has, detail)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
 TABLES_INTRO = (
-    "The paper's tables, the three environments side by side, from every finished run at 1M steps in the store "
-    "(all seeds). Explosions: k/n = rate [exact 95% Clopper-Pearson interval, in %], then the paper's k of 5 and "
-    "the two-sided Fisher exact p of ours against it. Final: mean ± std of the completed runs' last-10-episode "
-    "returns, N/A if none completed; max: the best 10-episode average, over finished runs; max eval: a run's best "
-    "deterministic evaluation (the mean action, 10 episodes, every 100k steps), over the finished runs that have "
-    "one (their number in brackets). The paper's numbers are in brackets. Written by `python reproduce.py "
-    "tables`; the experiments' reports have the details.")
+    "The paper's tables, the three environments side by side, from every finished run in the store (all seeds; 1M "
+    "steps unless a row says otherwise). Explosions: k/n = rate [exact 95% Clopper-Pearson interval, in %], then the "
+    "paper's k of 5 and the two-sided Fisher exact p of ours against it. Final: mean ± std of the completed runs' "
+    "last-10-episode returns, N/A if none completed; max: the best 10-episode average, over finished runs; eval "
+    "(end): the last deterministic evaluation of completed runs; max eval: a run's best deterministic evaluation "
+    "(the mean action, 10 episodes, every 100k steps), over the finished runs that have one (their number in "
+    "brackets). The paper's numbers are in brackets. Written by `python reproduce.py tables`; the experiments' "
+    "reports have the details.")
 
 
 def cmd_tables(opts):
     store = os.path.join(opts.out, "runs")
     lines = ["# The paper's tables across environments", "", TABLES_INTRO, ""]
     for spec in TABLES:
-        lines += paper_table(*spec, store) + [""]
+        lines += paper_table(**spec, store=store) + [""]
     path = os.path.join(opts.out, "tables.md")
     os.makedirs(opts.out, exist_ok=True)
     with open(path, "w") as f:
