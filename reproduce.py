@@ -70,18 +70,20 @@ EXPERIMENTS = {
         what="PPO on Humanoid-v4 with the mean shifted out of the box by c = 100 (Appendix A.2) under ratio "
              "clipping, the KL penalty (Eq. 12) and no constraint, at 100k steps (the paper plots a few hundred "
              "optimization steps): log10 KL stays small while the max log10 ratio grows; without any constraint "
-             "it explodes within a few updates. kl_and_ratio.png: both per update, a line per run, as Fig. 3."),
+             "it explodes within a few updates. kl_and_ratio.png: both per update, a line per run, as Fig. 3. With the "
+             "mean shifted by 100, PPO with clipping explodes in its first update (see shifted-mean), so its lines are "
+             "single points; large-nets' Humanoid figure has the unshifted runs' KL and ratio over training."),
     "small-nets": dict(
         paper="Fig. 4", cells=grid(["ppo", "cpg"], ENVS, {"policy-hidden": [[64, 64]]}),
         what="PPO vs CPG (clipped log-ratio objective, Eq. 15) with [64, 64] policies, where nothing should "
              "explode: the two should reach comparable returns."),
     "large-nets": dict(
         paper="Fig. 2, 5, 6", cells=grid(["ppo", "cpg"], ENVS),
-        figure=dict(file="humanoid_ppo_ratio_and_std.png", tags=["stability/max_log10_ratio", "stability/min_std"],
-                    only="ppo__Humanoid-v4", x="steps"),
+        figure=dict(file="humanoid_ppo_ratio_and_std.png", only="ppo__Humanoid-v4", x="steps",
+                    tags=["stability/max_log10_ratio", "stability/min_std", "stability/log10_kl"]),
         what="PPO vs CPG with the paper's large policies: PPO explodes with huge max log10 ratios (Fig. 2) "
              "before the std gets small (Fig. 6); CPG keeps learning (Fig. 5). humanoid_ppo_ratio_and_std.png: "
-             "PPO on Humanoid-v4, a line per run, as Figs. 2 and 6."),
+             "PPO on Humanoid-v4, a line per run, as Figs. 2 and 6, and its log10 KL (Fig. 3a without a mean shift)."),
     "learning-rate": dict(
         paper="Fig. 7a", cells=grid(["ppo"], WALKER, {"learning-rate": [1e-4, 3e-5, 1e-5]}),
         what="PPO on Walker2d-v4 at learning rates 1e-4 (the paper's default), 3e-5 and 1e-5 (the paper does "

@@ -476,7 +476,7 @@ def png_size(path):
 @pytest.mark.skipif(not importlib.util.find_spec("matplotlib"), reason="matplotlib is not installed")
 def test_the_papers_per_run_figures(tmp_path):
     """Fig. 3 (constraints): a column per objective, a row each for log10 KL and the max log10 ratio; Figs. 2, 6
-    (large-nets): PPO on Humanoid only, a row each for the ratio and the min std. Panels are 5 x 3 inches at 100
+    (large-nets): PPO on Humanoid only, a row each for the ratio, the min std and the KL. Panels are 5 x 3 inches at 100
     dpi, so the image's size counts them; an experiment without its runs' logs draws none."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -493,7 +493,7 @@ def test_the_papers_per_run_figures(tmp_path):
     assert png_size(os.path.join(out, "constraints", "kl_and_ratio.png")) == (1500, 600)
     assert "![kl_and_ratio.png](kl_and_ratio.png)" in read(out, "constraints", "report.md")
     assert reproduce.main(["report", "large-nets", "--out", out, "--seeds", "2"]) == 0
-    assert png_size(os.path.join(out, "large-nets", "humanoid_ppo_ratio_and_std.png")) == (500, 600)
+    assert png_size(os.path.join(out, "large-nets", "humanoid_ppo_ratio_and_std.png")) == (500, 900)
     assert reproduce.main(["report", "optimizer-width", "--out", out, "--seeds", "2"]) == 0
     assert not os.path.exists(os.path.join(out, "optimizer-width", "l2_from_init.png"))
     assert "![l2_from_init.png]" not in read(out, "optimizer-width", "report.md")
