@@ -637,6 +637,12 @@ def mean_std(x):
     return (float(np.mean(x)), float(np.std(x))) if x else None  # std: population, as the paper's "± 0"
 
 
+def cell_values(algo, env, flags):
+    """A cell as PAPER matches it: algo, env and every flag as text, the default where the cell leaves one off."""
+    return {"algo": algo, "env": env,
+            **{k: fmt(v) for k, v in {**DEFAULTS, **ALGO_DEFAULTS.get(algo, {}), **flags}.items()}}
+
+
 def paper_numbers(exp, cell):
     for match, numbers in PAPER.get(exp, []):
         if all(cell.get(k) == v for k, v in match.items()):
@@ -708,8 +714,7 @@ def paper_count(rate):
 
 def table_row(exp, members, varying, has, with_eval):
     r0 = members[0]
-    flags = {**DEFAULTS, **ALGO_DEFAULTS.get(r0["algo"], {}), **r0["flags"]}  # a flag a cell leaves off: the default
-    cell = {"algo": r0["algo"], "env": r0["env"], **{k: fmt(v) for k, v in flags.items()}}
+    cell = cell_values(r0["algo"], r0["env"], r0["flags"])
     st = group_stats([(r["outcome"], r["summary"]) for r in members])
     paper = paper_numbers(exp, cell) or (None, None, None)
     c = st["count"]
@@ -806,8 +811,8 @@ def cmd_report(exp, opts):
 
 # -------------------------------------------------------------------------------------------- tables
 
-# The paper's tables with the three environments side by side: (title, experiment whose paper numbers apply,
-# rows as (label, algo, flags), environments). Cells use the paper's per-env widths unless a row sets them.
+# The paper's tables with the three environments side by side: title, the experiment whose paper numbers apply,
+# environments, rows as (label, algo, flags[, steps]). Cells use the paper's per-env widths unless a row sets them.
 TABLES = [
     dict(title="Table 1: PPO with the mean mapped into the box", exp="mean-transform", envs=ENVS,
          rows=[(f"`{t}`", "ppo", {"mean-transform": t}) for t in ("clip", "tanh", "none")]),
@@ -853,9 +858,7 @@ def round_pm(x):
 def table_cells(exp, algo, env, flags, steps, store, has, detail):
     """One environment's cells of a paper-table row (see paper_table)."""
     full = {"policy-hidden": WIDE[env], **flags}
-    flags_all = {**DEFAULTS, **ALGO_DEFAULTS.get(algo, {}), **full}
-    cell = {"algo": algo, "env": env, **{k: fmt(v) for k, v in flags_all.items()}}
-    paper = paper_numbers(exp, cell) or (None, None, None)
+    paper = paper_numbers(exp, cell_values(algo, env, full)) or (None, None, None)
     runs = stored_runs(store, algo, env, full, steps)
     st = group_stats(runs)
     k_paper = paper_count(paper[2])
