@@ -65,14 +65,14 @@ EXPERIMENTS = {
     "constraints": dict(
         paper="Fig. 3", steps=100_000, cells=grid(["ppo"], HUMANOID, {"mean-shift": [100.0],
                                                                       "objective": ["clip", "kl-penalty", "none"]}),
-        figure=dict(file="kl_and_ratio.png", tags=["stability/log10_kl", "stability/max_log10_ratio"],
-                    by="objective", x="update"),
+        figure=dict(file="kl_and_ratio.png", tags=["stability/log10_kl"], x="stability/max_log10_ratio"),
         what="PPO on Humanoid-v4 with the mean shifted out of the box by c = 100 (Appendix A.2) under ratio "
              "clipping, the KL penalty (Eq. 12) and no constraint, at 100k steps (the paper plots a few hundred "
              "optimization steps): log10 KL stays small while the max log10 ratio grows; without any constraint "
-             "it explodes within a few updates. kl_and_ratio.png: both per update, a line per run, as Fig. 3. With the "
-             "mean shifted by 100, PPO with clipping explodes in its first update (see shifted-mean), so its lines are "
-             "single points; large-nets' Humanoid figure has the unshifted runs' KL and ratio over training."),
+             "it explodes within a few updates. kl_and_ratio.png: log10 KL against the max log10 ratio, a point per "
+             "update, coloured by objective. With the mean shifted by 100, every objective explodes in its first "
+             "update (clip too, see shifted-mean), so each run is one point; large-nets' Humanoid figure has the "
+             "unshifted runs' KL and ratio over training."),
     "small-nets": dict(
         paper="Fig. 4", cells=grid(["ppo", "cpg"], ENVS, {"policy-hidden": [[64, 64]]}),
         what="PPO vs CPG (clipped log-ratio objective, Eq. 15) with [64, 64] policies, where nothing should "
@@ -959,7 +959,8 @@ def plot(runs, exp_dir, store, tags, figure=None):
     except ImportError:
         return [], "matplotlib is not installed (pip install matplotlib, the 'plot' extra)"
     try:
-        wanted = list(dict.fromkeys(["charts/episodic_return"] + tags + (figure or {}).get("tags", [])))
+        figure_tags = (figure["tags"] + ([figure["x"]] if figure["x"] != "steps" else [])) if figure else []
+        wanted = list(dict.fromkeys(["charts/episodic_return"] + tags + figure_tags))
         data = {r["id"]: scalars(os.path.join(store, r["id"]), wanted)
                 for r in runs if os.path.isdir(os.path.join(store, r["id"]))}
     except ImportError:
@@ -1031,9 +1032,9 @@ def plot(runs, exp_dir, store, tags, figure=None):
 
 def plot_panels(plt, runs, data, label, exp_dir, file, tags, x, by=None, only=""):
     """The paper's per-run figures (Figs. 2, 3, 6, 7b,c): a row per tag, a column per value of the flag `by`
-    (per env without one), a line per run against environment steps or update number, on linear axes as the
-    paper draws them. Lines are coloured by cell where a panel has several, else by seed. Runs whose id lacks
-    `only` are left out. False if no run has data for it."""
+    (per env without one), on linear axes as the paper draws them: a line per run against environment steps
+    (x="steps"), or a point per update against another tag (x=that tag). Runs are coloured by cell where a panel
+    has several, else by seed. Runs whose id lacks `only` are left out. False if no run has data for it."""
     chosen = [r for r in runs if only in r["id"] and any(t in data.get(r["id"], {}) for t in tags)]
     if not chosen:
         return False
@@ -1054,22 +1055,33 @@ def plot_panels(plt, runs, data, label, exp_dir, file, tags, x, by=None, only=""
                 d = data[r["id"]].get(tag)
                 if d is None or not len(d[0]):
                     continue
-                xs = d[0] if x == "steps" else np.arange(1, len(d[0]) + 1)
-                axes[i, j].plot(xs, d[1], color=color, lw=0.8, marker="." if len(xs) < 5 else None,
-                                label=None if name in seen else name)
+                xs, ys = d if x == "steps" else paired(data[r["id"]].get(x), d)
+                cell = groups.index(r["group"])
+                # hollow markers, of a shape and size per cell, so that cells landing on one point all show
+                style = (dict(lw=0.8, marker="." if len(xs) < 5 else None) if x == "steps" else
+                         dict(ls="", marker="osD^v"[cell % 5], ms=12 - 3 * (cell % 3), fillstyle="none"))
+                axes[i, j].plot(xs, ys, color=color, label=None if name in seen else name, **style)
                 seen.add(name)
-                ok = np.isfinite(d[1])
+                ok = np.isfinite(xs) & np.isfinite(ys)
                 if r["outcome"] == "exploded" and ok.any():
-                    axes[i, j].plot(xs[ok][-1], d[1][ok][-1], "x", color=color, ms=8)
+                    axes[i, j].plot(xs[ok][-1], ys[ok][-1], "x", color=color, ms=8)
         for i, tag in enumerate(tags):
             axes[i, j].set(title=f"{col}: {tag.split('/')[-1]}",
-                           xlabel="environment steps" if x == "steps" else "update (one per rollout)")
+                           xlabel="environment steps" if x == "steps" else x.split("/")[-1])
         if axes[0, j].get_legend_handles_labels()[0]:
             axes[0, j].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(exp_dir, file), dpi=100)
     plt.close(fig)
     return True
+
+
+def paired(xd, yd):
+    """Two scalars' (steps, values) as (x values, y values) at the steps both have."""
+    if xd is None:
+        return np.array([]), np.array([])
+    _, ix, iy = np.intersect1d(xd[0], yd[0], return_indices=True)
+    return xd[1][ix], yd[1][iy]
 
 
 # ---------------------------------------------------------------------------------------------- main
