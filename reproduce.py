@@ -974,8 +974,16 @@ def plot(runs, exp_dir, store, tags, figure=None):
     label = {r["group"]: " ".join([r["algo"]] + [f"{k}={fmt(v)}" for k, v in r["flags"].items() if k in keys])
              for r in runs}
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(dict.fromkeys(label.values()))}
-    files = []
+    files = ["learning_curves.png", "stability.png"]
+    plot_learning_curves(plt, runs, data, envs, label, colors, exp_dir)
+    plot_stability(plt, runs, data, envs, tags, label, colors, exp_dir)
+    if figure and plot_panels(plt, runs, data, label, exp_dir, **figure):
+        files.append(figure["file"])
+    return files, ""
 
+
+def plot_learning_curves(plt, runs, data, envs, label, colors, exp_dir):
+    """learning_curves.png: a panel per env, a line per group, the mean over its seeds with their min-max."""
     fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
     for ax, env in zip(axes[0], envs):
         for group in dict.fromkeys(r["group"] for r in runs if r["env"] == env):
@@ -996,8 +1004,10 @@ def plot(runs, exp_dir, store, tags, figure=None):
     fig.tight_layout()
     fig.savefig(os.path.join(exp_dir, "learning_curves.png"), dpi=100)
     plt.close(fig)
-    files.append("learning_curves.png")
 
+
+def plot_stability(plt, runs, data, envs, tags, label, colors, exp_dir):
+    """stability.png: a row per tag, a column per env, a line per run on log-x; x marks an explosion."""
     fig, axes = plt.subplots(len(tags), len(envs), figsize=(6 * len(envs), 3 * len(tags)), squeeze=False)
     for j, env in enumerate(envs):
         seen = set()
@@ -1024,10 +1034,6 @@ def plot(runs, exp_dir, store, tags, figure=None):
     fig.tight_layout()
     fig.savefig(os.path.join(exp_dir, "stability.png"), dpi=100)
     plt.close(fig)
-    files.append("stability.png")
-    if figure and plot_panels(plt, runs, data, label, exp_dir, **figure):
-        files.append(figure["file"])
-    return files, ""
 
 
 def plot_panels(plt, runs, data, label, exp_dir, file, tags, x, by=None, only=""):
