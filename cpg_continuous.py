@@ -1084,9 +1084,9 @@ class RunRecord:
         """The mean return of the last 10 episodes (None before the first)."""
         return float(np.mean(self.episode_returns[-10:])) if self.episode_returns else None
 
-    def sps(self, global_step):
+    def sps(self, global_step, clock=None):
         """Steps per second of training: start-up left out (see train)."""
-        clock = self.clock()
+        clock = clock or self.clock()
         return global_step / max(clock["wall_time_s"] - clock["startup_s"], 1e-9)
 
     def log(self, global_step, scalars):
@@ -1125,12 +1125,13 @@ class RunRecord:
               f"(deterministic policy, mean of {self.args.eval_episodes} episodes)", flush=True)
 
     def write_summary(self, status, global_step, **fields):
+        clock = self.clock()  # one reading, so that sps agrees with the clocks beside it
         self.summary.update(
             status=status, global_step=global_step, nonfinite_updates=self.nonfinite_updates,
             episodes=len(self.episode_returns), final_return=self.recent_return(),
             max_return=max(self.moving_returns) if self.moving_returns else None,
             max_log10_ratio=self.max_log10_ratio if math.isfinite(self.max_log10_ratio) else None,
-            **self.clock(), sps=self.sps(global_step), **fields,
+            **clock, sps=self.sps(global_step, clock), **fields,
         )
         text = json.dumps(self.summary, indent=2)
         write_atomically(self.summary_path, lambda tmp: Path(tmp).write_text(text), durable=status != "running")

@@ -170,9 +170,11 @@ def test_sps_leaves_start_up_out_also_over_a_resume(tmp_path, monkeypatch):
     assert summary["startup_s"] >= 2 * delay  # both processes'
     training_s = summary["wall_time_s"] - summary["startup_s"]
     assert 0 < training_s < delay
-    assert summary["sps"] == pytest.approx(64 / training_s, rel=1e-3)
+    assert summary["sps"] == pytest.approx(64 / training_s, rel=1e-9)
     assert 0 < summary["startup_cpu_s"] < summary["cpu_time_s"]
-    assert scalars_of(tmp_path / "run")["charts/SPS"][-1] == pytest.approx(summary["sps"], rel=0.05)
+    # logged at the last iteration's end, before the summary: less training time, so at least its SPS, where
+    # a chart that counted the 2 * delay of start-up would show under 64 / (2 * delay) = 16
+    assert scalars_of(tmp_path / "run")["charts/SPS"][-1] >= int(summary["sps"])
 
 
 @cuda
