@@ -233,6 +233,16 @@ def test_list_cli_and_bad_names(tmp_path, capsys):
         "not started; also in large-nets, logprob-at", "not started"]
 
 
+def test_list_into_a_reader_that_stops(tmp_path):
+    """`list all | head -1`: its ~95 kB outgrow the pipe's 64 kB, so the writes after `head` left fail."""
+    listing = subprocess.Popen([sys.executable, REPRO, "list", "all", "--out", str(tmp_path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert listing.stdout.readline().startswith("# ")
+    listing.stdout.close()
+    assert listing.wait(timeout=60) == 1
+    assert listing.stderr.read() == ""
+
+
 # ----------------------------------------------------------------------------------------------- run
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
