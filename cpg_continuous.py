@@ -1139,7 +1139,7 @@ class RunRecord:
     def iteration_done(self, iteration, num_iterations, global_step, telemetry):
         print(f"iteration {iteration}/{num_iterations} global_step={global_step} "
               f"return(last 10)={one_decimal(self.recent_return())} "
-              f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={int(self.sps(global_step))}",
+              f"max_log10_ratio={telemetry['stability/max_log10_ratio']:.3g} SPS={telemetry['charts/SPS']}",
               flush=True)
         self.write_summary("running", global_step)
 

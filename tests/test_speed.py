@@ -146,7 +146,7 @@ def counter_args(module, run_dir, **args):
                        **args)
 
 
-def test_sps_leaves_start_up_out_also_over_a_resume(tmp_path, monkeypatch):
+def test_sps_leaves_start_up_out_also_over_a_resume(tmp_path, monkeypatch, capsys):
     module = load_script("cpg_continuous.py")
     delay = 2.0  # far longer than this run's training
     warm_up, collect_rollout = module.warm_up, module.collect_rollout
@@ -174,7 +174,10 @@ def test_sps_leaves_start_up_out_also_over_a_resume(tmp_path, monkeypatch):
     assert 0 < summary["startup_cpu_s"] < summary["cpu_time_s"]
     # logged at the last iteration's end, before the summary: less training time, so at least its SPS, where
     # a chart that counted the 2 * delay of start-up would show under 64 / (2 * delay) = 16
-    assert scalars_of(tmp_path / "run")["charts/SPS"][-1] >= int(summary["sps"])
+    charted = scalars_of(tmp_path / "run")["charts/SPS"][-1]
+    assert charted >= int(summary["sps"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration 2/2 ")]
+    assert printed and printed[-1].endswith(f" SPS={int(charted)}")  # the log line reads the chart's number
 
 
 @cuda
